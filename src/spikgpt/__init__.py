@@ -1,0 +1,14 @@
+"""spikgpt: cell-type annotation with a spiking transformer and calibrated "Unknown"."""
+
+import logging
+
+__version__ = "0.1.0"
+
+logging.getLogger("spikgpt").addHandler(logging.NullHandler())
+
+from spikgpt.api import annotate, train  # noqa: E402
+from spikgpt.model import SpikGPTModel  # noqa: E402
+
+load_model = SpikGPTModel.load
+
+__all__ = ["SpikGPTModel", "__version__", "annotate", "load_model", "train"]

@@ -1,0 +1,1 @@
+"""Benchmarks: tasks, baselines, metrics and reports."""

@@ -1,0 +1,108 @@
+"""The embedder interface and the spec → embedder registry.
+
+An embedder is fitted on the reference, turns any cells into a fixed-size float32 matrix and
+round-trips through ``config()`` (JSON) plus ``arrays()`` (saved as safetensors). A row of NaN
+marks a cell that could not be embedded; annotation calls such cells ``Unknown``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+
+from spikgpt.data import Cells
+from spikgpt.errors import InputError, ModelFormatError
+
+
+class Embedder(ABC):
+    """Turns cells into a dense ``[n_cells, dim]`` float32 embedding."""
+
+    kind: ClassVar[str]
+    #: Whether the embedding is a differentiable function of the genes (for attributions).
+    linear_in_genes: ClassVar[bool] = False
+
+    @abstractmethod
+    def fit(self, cells: Cells, *, seed: int = 0) -> Embedder:
+        """Fit on reference cells; returns self."""
+
+    @abstractmethod
+    def transform(self, cells: Cells) -> np.ndarray:
+        """Embed ``cells``: float32 ``[n_obs, dim]``; NaN rows for cells that cannot be embedded."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Width of the embedding."""
+
+    @property
+    def spec(self) -> str:
+        """The string that builds this embedder (``default``, ``obsm:KEY``, ``scgpt:PATH``)."""
+        return self.kind
+
+    @abstractmethod
+    def config(self) -> dict:
+        """JSON-ready settings and small state."""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Fitted numeric state, saved as safetensors."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, config: dict, arrays: dict[str, np.ndarray]) -> Embedder:
+        """Rebuild a fitted embedder from :meth:`config` and :meth:`arrays`."""
+
+
+def _registry() -> dict[str, type[Embedder]]:
+    from spikgpt.embed.default import DefaultEmbedder
+    from spikgpt.embed.obsm import ObsmEmbedder
+    from spikgpt.embed.scgpt import ScGPTEmbedder
+
+    return {cls.kind: cls for cls in (DefaultEmbedder, ObsmEmbedder, ScGPTEmbedder)}
+
+
+def make_embedder(spec: str | Embedder) -> Embedder:
+    """Build an unfitted embedder from a spec string.
+
+    Parameters
+    ----------
+    spec
+        ``"default"``, ``"obsm:KEY"`` (a precomputed ``obsm`` embedding) or ``"scgpt:PATH"``
+        (an official scGPT checkpoint folder); an :class:`Embedder` is returned as is.
+
+    Returns
+    -------
+    The embedder.
+    """
+    if isinstance(spec, Embedder):
+        return spec
+    kind, _, arg = spec.partition(":")
+    registry = _registry()
+    if kind not in registry:
+        msg = (
+            f"Unknown embedder {spec!r}. Use 'default', 'obsm:KEY' (e.g. obsm:X_scGPT) or "
+            "'scgpt:PATH' (an scGPT checkpoint folder)."
+        )
+        raise InputError(msg)
+    cls = registry[kind]
+    if kind == "default":
+        if arg:
+            msg = f"The default embedder takes no argument, got {spec!r}."
+            raise InputError(msg)
+        return cls()
+    if not arg:
+        msg = f"Embedder {kind!r} needs an argument: '{kind}:...'."
+        raise InputError(msg)
+    return cls(arg)
+
+
+def embedder_from_config(config: dict, arrays: dict[str, np.ndarray]) -> Embedder:
+    """Rebuild a saved embedder (see :meth:`Embedder.config`)."""
+    registry = _registry()
+    kind = config.get("kind")
+    if kind not in registry:
+        msg = f"Model folder names an unknown embedder kind {kind!r}."
+        raise ModelFormatError(msg)
+    return registry[kind].from_state(config, arrays)

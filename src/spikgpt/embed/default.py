@@ -1,0 +1,148 @@
+"""``default``: the built-in embedder — no download, fitted on the reference.
+
+Highly variable genes of the reference (scanpy, Seurat flavour) → standardised with the
+reference's mean and s.d. (clipped at ±10) → PCA fitted on the reference (at most 50,000 cells,
+sampled with the seed). Query genes absent from the reference are ignored; reference genes
+absent from the query are set to the reference mean (0 after scaling), and the fraction found
+is logged (too little is an error, see :func:`spikgpt.data.align`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+from sklearn.decomposition import PCA
+
+from spikgpt.data import Cells, align
+from spikgpt.embed.base import Embedder
+from spikgpt.errors import InputError
+
+logger = logging.getLogger("spikgpt")
+
+CHUNK = 10_000
+MAX_FIT_CELLS = 50_000
+
+
+class DefaultEmbedder(Embedder):
+    """HVG selection + scaling + PCA.
+
+    Parameters
+    ----------
+    n_genes
+        Number of highly variable genes (all genes when the data has fewer).
+    n_components
+        Embedding width; capped at ``n_cells - 1`` and ``n_genes``.
+    scale
+        ``"reference"``: standardise every dataset with the reference's mean and s.d. (what most
+        annotators do). ``"self"``: standardise each annotated dataset on its own mean and s.d. —
+        robust to strong batch effects, but it assumes a similar cell-type composition.
+    """
+
+    kind = "default"
+    linear_in_genes = True
+
+    def __init__(
+        self,
+        n_genes: int = 2000,
+        n_components: int = 50,
+        scale: Literal["reference", "self"] = "reference",
+    ) -> None:
+        if scale not in ("reference", "self"):
+            msg = f"scale must be 'reference' or 'self', got {scale!r}."
+            raise InputError(msg)
+        self.n_genes, self.n_components, self.scale = n_genes, n_components, scale
+        self.genes: np.ndarray | None = None
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+        self.components: np.ndarray | None = None
+
+    @property
+    def dim(self) -> int:  # noqa: D102
+        if self.components is None:
+            msg = "The embedder is not fitted yet."
+            raise RuntimeError(msg)
+        return self.components.shape[0]
+
+    def _select_genes(self, X, genes: np.ndarray) -> np.ndarray:
+        expressed = np.asarray((X > 0).sum(axis=0)).ravel() > 0
+        if expressed.sum() <= self.n_genes:
+            return genes[expressed]
+        tmp = ad.AnnData(X[:, expressed])
+        tmp.var_names = genes[expressed]
+        sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=self.n_genes)
+        return np.asarray(tmp.var_names[tmp.var["highly_variable"].to_numpy()])
+
+    def fit(self, cells: Cells, *, seed: int = 0) -> DefaultEmbedder:  # noqa: D102
+        expr = cells.expression()
+        if expr.X.shape[0] < 3:
+            msg = f"The default embedder needs at least 3 reference cells, got {expr.X.shape[0]}."
+            raise InputError(msg)
+        self.genes = self._select_genes(expr.X, expr.genes)
+        X, _ = align(expr, self.genes)
+        self.mean, self.std = _moments(X)
+        rng = np.random.default_rng(seed)
+        rows = np.arange(X.shape[0])
+        if X.shape[0] > MAX_FIT_CELLS:
+            rows = np.sort(rng.choice(X.shape[0], MAX_FIT_CELLS, replace=False))
+        Z = self._scale(X[rows].toarray(), self.mean, self.std)
+        k = int(min(self.n_components, Z.shape[0] - 1, Z.shape[1]))
+        pca = PCA(n_components=k, svd_solver="randomized" if k < min(Z.shape) // 2 else "full", random_state=seed)
+        pca.fit(Z)
+        # PCA centres on the fitted rows; Z is already centred by the reference mean, so the
+        # projection is Z @ componentsᵀ for any cell.
+        self.components = pca.components_.astype(np.float32)
+        logger.info("Default embedder: %d genes → %d components.", len(self.genes), k)
+        return self
+
+    @staticmethod
+    def _scale(dense: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        return np.clip((dense - mean) / std, -10, 10, out=dense)
+
+    def transform(self, cells: Cells) -> np.ndarray:  # noqa: D102
+        if self.components is None:
+            msg = "The embedder is not fitted yet."
+            raise RuntimeError(msg)
+        X, present = align(cells.expression(), self.genes)
+        if self.scale == "self":
+            mean, std = _moments(X)
+        else:
+            mean, std = self.mean, self.std
+        out = np.empty((X.shape[0], self.dim), dtype=np.float32)
+        for start in range(0, X.shape[0], CHUNK):
+            Z = self._scale(X[start : start + CHUNK].toarray(), mean, std)
+            Z[:, ~present] = 0.0
+            out[start : start + CHUNK] = Z @ self.components.T
+        return out
+
+    def config(self) -> dict:  # noqa: D102
+        return {
+            "kind": self.kind,
+            "n_genes": self.n_genes,
+            "n_components": self.n_components,
+            "scale": self.scale,
+            "genes": None if self.genes is None else self.genes.tolist(),
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:  # noqa: D102
+        return {"mean": self.mean, "std": self.std, "components": self.components}
+
+    @classmethod
+    def from_state(cls, config: dict, arrays: dict[str, np.ndarray]) -> DefaultEmbedder:  # noqa: D102
+        emb = cls(config["n_genes"], config["n_components"], config["scale"])
+        emb.genes = np.asarray(config["genes"], dtype=str)
+        emb.mean, emb.std = arrays["mean"], arrays["std"]
+        emb.components = arrays["components"]
+        return emb
+
+
+def _moments(X) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and s.d. of a sparse matrix, without densifying it."""
+    mean = np.asarray(X.mean(axis=0)).ravel()
+    sq = np.asarray(X.multiply(X).mean(axis=0)).ravel()
+    std = np.sqrt(np.maximum(sq - mean**2, 0))
+    std[std < 1e-6] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
