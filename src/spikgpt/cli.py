@@ -36,7 +36,7 @@ def _setup(quiet: bool) -> None:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]Error:[/] {err}")
+    console.print(f"[bold red]Error:[/] {err}", soft_wrap=True)
     raise typer.Exit(2) from err
 
 

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import pytest
+from synthetic import FAST, synthetic_counts
+
+@pytest.fixture
+def counts():
+    return synthetic_counts({"A": 60, "B": 60, "C": 40})
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """A small model trained on synthetic counts (shared: training is the slow part)."""
+    import spikgpt
+
+    ref = synthetic_counts({"A": 60, "B": 60, "C": 40}, seed=1)
+    return spikgpt.train(ref, "cell_type", train_config=FAST, progress=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def pbmc():
+    import scanpy as sc
+
+    return sc.datasets.pbmc68k_reduced()

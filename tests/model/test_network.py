@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from spikgpt.model import NetworkConfig, SpikingTransformer, TrainConfig
+from spikgpt.snn import LIF
+
+
+@pytest.mark.parametrize("tokenization", ["split", "repeat"])
+def test_forward_shapes(tokenization):
+    cfg = NetworkConfig(in_dim=50, n_classes=7, tokenization=tokenization, n_tokens=8, time_steps=3)
+    net = SpikingTransformer(cfg).eval()
+    assert net(torch.randn(5, 50)).shape == (3, 5, 7)
+    assert net.features(torch.randn(5, 50)).shape == (3, 5, cfg.dim)
+
+
+def test_readout_is_a_spike_rate():
+    net = SpikingTransformer(NetworkConfig(in_dim=12, n_classes=3, time_steps=4)).eval()
+    feats = net.features(torch.randn(6, 12))
+    # Mean of 0/1 spikes over N=4 tokens: multiples of 1/4 in [0, 1].
+    assert ((feats * 4) == (feats * 4).round()).all() and feats.min() >= 0 and feats.max() <= 1
+
+
+def test_twin_has_no_spiking_neurons_and_one_step():
+    net = SpikingTransformer(NetworkConfig(in_dim=12, n_classes=3, spiking=False)).eval()
+    assert not any(isinstance(m, LIF) for m in net.modules())
+    assert net(torch.randn(2, 12)).shape == (1, 2, 3)
+
+
+def test_configs_round_trip_and_reject_unknown_keys():
+    cfg = NetworkConfig(in_dim=5, n_classes=2, depth=3)
+    assert NetworkConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="Unknown NetworkConfig keys"):
+        NetworkConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="Unknown TrainConfig keys"):
+        TrainConfig.from_dict({"lr": 1e-3, "epochs": 3})
+    with pytest.raises(ValueError, match="tokenization"):
+        NetworkConfig(in_dim=5, n_classes=2, tokenization="patch")

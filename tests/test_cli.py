@@ -1,0 +1,50 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from spikgpt.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def pbmc_files(tmp_path_factory, pbmc):
+    """Real data: pbmc68k_reduced's log-normalised values, split into reference and query."""
+    d = tmp_path_factory.mktemp("cli")
+    adata = ad.AnnData(pbmc.raw.X.copy(), obs=pbmc.obs[["bulk_labels"]].copy(), var=pbmc.raw.var[[]].copy())
+    rng = np.random.default_rng(0)
+    is_ref = rng.uniform(size=adata.n_obs) < 0.7
+    adata[is_ref].write_h5ad(d / "ref.h5ad")
+    adata[~is_ref].write_h5ad(d / "query.h5ad")
+    return d
+
+
+def test_train_annotate_round_trip_on_real_data(pbmc_files):
+    d = pbmc_files
+    r = runner.invoke(app, ["train", str(d / "ref.h5ad"), "--label-key", "bulk_labels", "--out", str(d / "model"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert (d / "model" / "config.json").exists()
+    args = ["annotate", str(d / "query.h5ad"), "--model", str(d / "model"), "--out", str(d / "out.h5ad")]
+    r = runner.invoke(app, [*args, "--csv", str(d / "pred.csv"), "-q"])
+    assert r.exit_code == 0, r.output
+    out = ad.read_h5ad(d / "out.h5ad")
+    truth = out.obs["bulk_labels"].astype(str)
+    assert (out.obs["spikgpt_raw_label"].astype(str) == truth).mean() > 0.65
+    csv = pd.read_csv(d / "pred.csv", index_col=0)
+    assert list(csv.columns) == ["spikgpt_label", "spikgpt_raw_label", "spikgpt_confidence"]
+    assert len(csv) == out.n_obs
+    # existing outputs and the input itself are never overwritten without --overwrite
+    r = runner.invoke(app, [*args, "-q"])
+    assert r.exit_code == 2 and "exists" in r.output
+    r = runner.invoke(app, [*args[:-1], str(d / "query.h5ad"), "-q"])
+    assert r.exit_code == 2 and "is the input file" in r.output
+
+
+def test_cli_errors_are_one_clear_line(pbmc_files, tmp_path):
+    d = pbmc_files
+    r = runner.invoke(app, ["train", str(d / "ref.h5ad"), "--label-key", "nope", "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "Label column 'nope' not found" in r.output
+    r = runner.invoke(app, ["annotate", str(d / "query.h5ad"), "--model", str(tmp_path), "--out", str(tmp_path / "o.h5ad")])
+    assert r.exit_code == 2 and "not a spikgpt model folder" in r.output

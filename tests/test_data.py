@@ -1,0 +1,107 @@
+import logging
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from spikgpt.data import Cells, align, prepare, read, write_h5ad_atomic
+from spikgpt.errors import GeneOverlapError, InputError
+
+
+def test_counts_and_log_normalised_come_out_on_one_scale(counts):
+    log = counts.copy()
+    totals = np.asarray(log.X.sum(1)).ravel()
+    log.X = sp.csr_matrix(np.log1p(sp.diags(5000 / totals) @ log.X))  # another target sum
+    a, b = prepare(counts), prepare(log)
+    assert a.was_counts and not b.was_counts
+    np.testing.assert_allclose(a.X.toarray(), b.X.toarray(), atol=1e-4)
+    np.testing.assert_allclose(np.expm1(a.X.toarray()).sum(1), 1e4, rtol=1e-4)
+
+
+def test_sources_layer_raw_and_gene_column(counts):
+    adata = counts.copy()
+    adata.layers["counts"] = adata.X.copy()
+    adata.raw = adata
+    adata.X = sp.csr_matrix(adata.X.toarray() - 1.0)  # "scaled": negative values
+    adata.var["symbol"] = [f"sym{i}" for i in range(adata.n_vars)]
+    with pytest.raises(InputError, match="negative values.*use_raw"):
+        prepare(adata)
+    a = prepare(adata, layer="counts", gene_key="symbol")
+    b = prepare(adata, use_raw=True)
+    np.testing.assert_allclose(a.X.toarray(), b.X.toarray())
+    assert a.genes[0] == "SYM0" and b.genes[0] == "GENE0"
+    with pytest.raises(InputError, match="Layer 'nope' not found"):
+        prepare(adata, layer="nope")
+    with pytest.raises(InputError, match="Gene column 'nope'"):
+        prepare(adata, gene_key="nope")
+
+
+def test_empty_nan_inf(counts):
+    with pytest.raises(InputError, match="empty"):
+        prepare(counts[:0])
+    for bad in (np.nan, np.inf):
+        adata = counts.copy()
+        adata.X = adata.X.toarray()
+        adata.X[0, 0] = bad
+        with pytest.raises(InputError, match="NaN/inf"):
+            prepare(adata)
+
+
+def test_duplicate_genes_warn_and_keep_first(counts, caplog):
+    adata = counts.copy()
+    names = adata.var_names.to_numpy().copy()
+    names[1] = names[0]
+    adata.var_names = names
+    with caplog.at_level(logging.WARNING, logger="spikgpt"):
+        expr = prepare(adata)
+    assert "duplicate gene names" in caplog.text
+    assert len(expr.genes) == adata.n_vars - 1
+
+
+def test_case_insensitive_gene_matching_and_overlap(counts):
+    lower = counts.copy()
+    lower.var_names = [g.lower() for g in counts.var_names]
+    X, present = align(prepare(lower), prepare(counts).genes)
+    assert present.all()
+    other = counts.copy()
+    other.var_names = [f"ENSG{i:011d}" for i in range(counts.n_vars)]
+    with pytest.raises(GeneOverlapError, match=r"Only 0 of 120 model genes \(0%\).*gene_key"):
+        align(prepare(other), prepare(counts).genes)
+
+
+def test_align_reorders_and_zero_fills(counts):
+    expr = prepare(counts)
+    genes = np.array(["GENE5", "MISSING", "GENE0"] + [f"GENE{i}" for i in range(6, 20)])
+    X, present = align(expr, genes)
+    assert present.tolist()[:3] == [True, False, True]
+    np.testing.assert_allclose(X[:, 0].toarray(), expr.X[:, 5].toarray())
+    assert X[:, 1].nnz == 0
+
+
+def test_read_rejects_wrong_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read(tmp_path / "nope.h5ad")
+    csv = tmp_path / "cells.csv"
+    csv.write_text("a,b\n1,2\n")
+    with pytest.raises(InputError, match="not an .h5ad file"):
+        read(csv)
+    broken = tmp_path / "broken.h5ad"
+    broken.write_bytes(b"not hdf5 at all")
+    with pytest.raises(InputError, match="Could not read"):
+        read(broken)
+
+
+def test_prepare_does_not_modify_input(counts):
+    before = counts.X.copy()
+    Cells(counts).expression()
+    assert (counts.X != before).nnz == 0
+
+
+def test_atomic_write_refuses_to_clobber(counts, tmp_path):
+    path = write_h5ad_atomic(counts, tmp_path / "a.h5ad", overwrite=False)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_h5ad_atomic(counts, path, overwrite=False)
+    write_h5ad_atomic(counts[:5], path, overwrite=True)
+    assert ad.read_h5ad(path).n_obs == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["a.h5ad"]  # no temp files left
