@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 from synthetic import FAST, synthetic_counts
 
+
 @pytest.fixture
 def counts():
     return synthetic_counts({"A": 60, "B": 60, "C": 40})

@@ -38,5 +38,3 @@ def synthetic_counts(
     adata.obs_names = [f"cell{i}" for i in range(adata.n_obs)]
     adata.obs["cell_type"] = pd.Categorical(labels)
     return adata
-
-

@@ -47,7 +47,7 @@ def test_held_out_type_comes_out_unknown_at_calibrated_rate():
 
 
 def test_deterministic_given_seed(counts):
-    kw = dict(train_config=FAST, progress=False, seed=7)
+    kw = {"train_config": FAST, "progress": False, "seed": 7}
     a, b = (spikgpt.train(counts, "cell_type", **kw) for _ in range(2))
     assert a.threshold == b.threshold
     for k, v in a.network.state_dict().items():

@@ -23,7 +23,9 @@ def pbmc_files(tmp_path_factory, pbmc):
 
 def test_train_annotate_round_trip_on_real_data(pbmc_files):
     d = pbmc_files
-    r = runner.invoke(app, ["train", str(d / "ref.h5ad"), "--label-key", "bulk_labels", "--out", str(d / "model"), "-q"])
+    r = runner.invoke(
+        app, ["train", str(d / "ref.h5ad"), "--label-key", "bulk_labels", "--out", str(d / "model"), "-q"]
+    )
     assert r.exit_code == 0, r.output
     assert (d / "model" / "config.json").exists()
     args = ["annotate", str(d / "query.h5ad"), "--model", str(d / "model"), "--out", str(d / "out.h5ad")]
@@ -46,5 +48,23 @@ def test_cli_errors_are_one_clear_line(pbmc_files, tmp_path):
     d = pbmc_files
     r = runner.invoke(app, ["train", str(d / "ref.h5ad"), "--label-key", "nope", "--out", str(tmp_path / "m")])
     assert r.exit_code == 2 and "Label column 'nope' not found" in r.output
-    r = runner.invoke(app, ["annotate", str(d / "query.h5ad"), "--model", str(tmp_path), "--out", str(tmp_path / "o.h5ad")])
+    r = runner.invoke(
+        app, ["annotate", str(d / "query.h5ad"), "--model", str(tmp_path), "--out", str(tmp_path / "o.h5ad")]
+    )
     assert r.exit_code == 2 and "not a spikgpt model folder" in r.output
+
+
+def test_embed_then_train_on_obsm(tmp_path):
+    from synthetic import SHARED
+
+    fix = SHARED / "fixtures" / "scgpt_tiny"
+    out = tmp_path / "emb.h5ad"
+    r = runner.invoke(app, ["embed", str(fix / "query.h5ad"), "--scgpt", str(fix / "checkpoint"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    emb = ad.read_h5ad(out)
+    assert emb.obsm["X_scGPT"].shape == (60, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb.obsm["X_scGPT"], axis=1), 1, atol=1e-5)
+    r = runner.invoke(
+        app, ["embed", str(fix / "query.h5ad"), "--scgpt", str(tmp_path), "--out", str(tmp_path / "x.h5ad")]
+    )
+    assert r.exit_code == 2 and "lacks args.json" in r.output

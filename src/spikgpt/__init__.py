@@ -6,9 +6,9 @@ __version__ = "0.1.0"
 
 logging.getLogger("spikgpt").addHandler(logging.NullHandler())
 
-from spikgpt.api import annotate, train  # noqa: E402
+from spikgpt.api import annotate, embed_scgpt, train  # noqa: E402
 from spikgpt.model import SpikGPTModel  # noqa: E402
 
 load_model = SpikGPTModel.load
 
-__all__ = ["SpikGPTModel", "__version__", "annotate", "load_model", "train"]
+__all__ = ["SpikGPTModel", "__version__", "annotate", "embed_scgpt", "load_model", "train"]

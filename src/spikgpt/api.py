@@ -276,3 +276,69 @@ def annotate(
     }
     logger.info("Annotated %d cells; %d Unknown.", adata.n_obs, adata.uns[key_added]["n_unknown"])
     return adata if (copy or from_path) else None
+
+
+def embed_scgpt(
+    adata: ad.AnnData | str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_key: str | None = None,
+    max_length: int = 1200,
+    batch_size: int = 64,
+    seed: int = 0,
+    key_added: str = "X_scGPT",
+    progress: bool = True,
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Compute scGPT cell embeddings into ``obsm[key_added]``.
+
+    Parameters
+    ----------
+    adata
+        AnnData or ``.h5ad`` path with raw counts (any per-cell monotone transform gives the
+        same bins; scGPT bins each cell's values).
+    checkpoint
+        Official scGPT checkpoint folder (``args.json``, ``vocab.json``, ``best_model.pt``).
+    layer, use_raw
+        Expression source (``X`` by default).
+    gene_key
+        ``var`` column with gene symbols (``var_names`` by default).
+    max_length
+        Token cap including ``<cls>``.
+    batch_size
+        Cells per forward pass.
+    seed
+        Seed of tie-breaking and subsampling.
+    key_added
+        ``obsm`` key written; ``uns[key_added]`` records the settings.
+    progress
+        Progress bar with cells/s.
+    copy
+        Return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    The AnnData when ``copy`` is true or a path was given, else ``None``. Cells with no
+    expressed vocabulary gene get a row of NaN.
+    """
+    from spikgpt.embed.scgpt import ScGPTEmbedder
+
+    from_path = not isinstance(adata, ad.AnnData)
+    adata = read(adata)
+    if copy and not from_path:
+        adata = adata.copy()
+    emb = ScGPTEmbedder(checkpoint, max_length=max_length, batch_size=batch_size, seed=seed, progress=progress)
+    t0 = time.perf_counter()
+    E = emb.transform(Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key))
+    adata.obsm[key_added] = E
+    adata.uns[key_added] = {
+        "checkpoint": str(emb.ckpt.path),
+        "sha256": emb.ckpt.sha256,
+        "max_length": max_length,
+        "seed": seed,
+        "n_not_embedded": int(np.isnan(E[:, 0]).sum()),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return adata if (copy or from_path) else None

@@ -123,6 +123,53 @@ def annotate(
 
 
 @app.command()
+def embed(
+    query: Annotated[Path, typer.Argument(help="Input .h5ad with raw counts.")],
+    scgpt: Annotated[
+        Path, typer.Option(help="Official scGPT checkpoint folder (args.json, vocab.json, best_model.pt).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output .h5ad; the embedding goes to obsm['X_scGPT'].")],
+    gene_key: GeneKey = None,
+    layer: Layer = None,
+    use_raw: UseRaw = False,
+    max_length: Annotated[int, typer.Option(help="Token cap per cell, <cls> included.")] = 1200,
+    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of tie-breaking and gene subsampling.")] = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Compute scGPT cell embeddings (then train with --embedder obsm:X_scGPT or scgpt:PATH)."""
+    from spikgpt.api import embed_scgpt
+    from spikgpt.data import write_h5ad_atomic
+
+    _setup(quiet)
+    try:
+        if out.resolve() == query.resolve() and not overwrite:
+            raise FileExistsError(f"--out {out} is the input file; pass --overwrite to replace it.")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists. Choose another --out or pass --overwrite.")
+        adata = embed_scgpt(
+            query,
+            scgpt,
+            layer=layer,
+            use_raw=use_raw,
+            gene_key=gene_key,
+            max_length=max_length,
+            batch_size=batch_size,
+            seed=seed,
+            progress=not quiet,
+        )
+        write_h5ad_atomic(adata, out, overwrite=overwrite)
+    except (SpikGPTError, FileExistsError) as err:
+        _fail(err)
+    info = adata.uns["X_scGPT"]
+    console.print(
+        f"Embedded {adata.n_obs} cells in {info['seconds']:.1f} s ({info['n_not_embedded']} without vocabulary "
+        f"genes); wrote obsm['X_scGPT'] to [bold]{out}[/]"
+    )
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("demo_out"),
     held_out: Annotated[str, typer.Option(help="Cell type kept out of training.")] = "CD34+",

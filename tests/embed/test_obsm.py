@@ -17,6 +17,8 @@ def test_obsm_embedder(counts):
     adata.obsm["X_emb"] = adata.obsm["X_emb"][:, :5]
     with pytest.raises(InputError, match="has 5 dimensions but the model was trained on 12"):
         emb.transform(Cells(adata))
-    adata.obsm["X_emb"][0, 0] = np.nan
-    with pytest.raises(InputError, match="NaN"):
+    adata.obsm["X_emb"][1, :] = np.nan  # a cell its embedder could not embed: allowed
+    assert np.isnan(make_embedder("obsm:X_emb").fit(Cells(adata)).transform(Cells(adata))[1]).all()
+    adata.obsm["X_emb"][0, 0] = np.inf
+    with pytest.raises(InputError, match="inf or partly-NaN rows \\(1 cells\\)"):
         make_embedder("obsm:X_emb").fit(Cells(adata))

@@ -46,8 +46,14 @@ class ObsmEmbedder(Embedder):
         if E.ndim != 2:
             msg = f"obsm[{self.key!r}] must be 2-D (cells × dims), got shape {E.shape}."
             raise InputError(msg)
-        if not np.isfinite(E).all():
-            msg = f"obsm[{self.key!r}] holds NaN/inf values; recompute or drop those cells."
+        # A row of NaN marks a cell its embedder could not embed (e.g. scGPT, no vocabulary
+        # gene): such cells are left out of training and called Unknown. Anything else is bad.
+        bad = ~np.isfinite(E) & ~np.isnan(E).all(axis=1, keepdims=True)
+        if bad.any():
+            msg = (
+                f"obsm[{self.key!r}] holds inf or partly-NaN rows ({int(bad.any(axis=1).sum())} cells); "
+                "recompute the embedding or drop those cells."
+            )
             raise InputError(msg)
         return E
 
