@@ -14,7 +14,13 @@ def test_annotate_writes_documented_keys_and_nothing_else(trained, counts):
     out = spikgpt.annotate(counts, trained, copy=True)
     assert list(counts.obs.columns) == before_obs and (counts.X != before_X).nnz == 0  # copy=True
     new = set(out.obs.columns) - set(before_obs)
-    assert new == {"spikgpt_label", "spikgpt_raw_label", "spikgpt_confidence"}
+    assert new == {
+        "spikgpt_label",
+        "spikgpt_raw_label",
+        "spikgpt_confidence",
+        "spikgpt_novelty",
+        "spikgpt_unknown_reason",
+    }
     assert set(out.obsm) == {"X_spikgpt_embedding"} and set(out.uns) == {"spikgpt"}
     assert out.obsm["X_spikgpt_embedding"].dtype == np.float32
     assert set(out.obs["spikgpt_label"].cat.categories) == {"A", "B", "C", UNKNOWN}
@@ -27,8 +33,9 @@ def test_annotate_writes_documented_keys_and_nothing_else(trained, counts):
 
 
 def test_key_added_and_threshold_override(trained, counts):
-    out = spikgpt.annotate(counts, trained, key_added="m1", threshold=1.01, copy=True)
+    out = spikgpt.annotate(counts, trained, key_added="m1", threshold=-0.01, copy=True)
     assert (out.obs["m1_label"] == UNKNOWN).all()
+    assert set(out.obs["m1_unknown_reason"]) <= set(trained.novelty_components)
     assert "X_m1_embedding" in out.obsm
 
 

@@ -20,7 +20,8 @@ from spikgpt.errors import InputError
 from spikgpt.model.annotator import SpikGPTModel
 from spikgpt.model.network import NetworkConfig
 from spikgpt.model.training import TrainConfig, fit_network
-from spikgpt.openset import UNKNOWN, calibrate_threshold, reject
+from spikgpt.openset import UNKNOWN
+from spikgpt.openset.novelty import CellOutputs, NoveltyScorer
 
 logger = logging.getLogger("spikgpt")
 
@@ -91,11 +92,18 @@ def _fit_pipeline(
         classes=[],
         input_mean=mean.astype(np.float32),
         input_std=std.astype(np.float32),
-        threshold=-np.inf,
+        threshold=np.inf,
         target_frr=0.0,
         train_config=cfg,
         summary={"history": {k: v for k, v in history.items() if not isinstance(v, list)}},
     )
+
+
+def _embedded_outputs(model: SpikGPTModel, cells: Cells) -> tuple[CellOutputs, np.ndarray]:
+    """Model outputs of the cells the embedder could embed, and which those were."""
+    E = model.embedder.transform(cells)
+    ok = np.isfinite(E).all(axis=1)
+    return model.outputs(E[ok]), ok
 
 
 def train(
@@ -110,6 +118,7 @@ def train(
     train_config: TrainConfig | None = None,
     target_frr: float = 0.05,
     calibration_fraction: float = 0.2,
+    novelty: str = "combined",
     min_cells_per_class: int = 5,
     seed: int = 0,
     progress: bool = True,
@@ -117,9 +126,9 @@ def train(
     """Train a spiking-transformer annotator on a labelled reference.
 
     A stratified share ``calibration_fraction`` of the reference is held out of every fitted
-    step (embedder, scaling, classifier, early stopping); the rejection threshold is the
-    ``target_frr`` quantile of the trained model's confidence on these cells, so it is set on
-    the very model that annotates, on cells it has never seen. (Cross-fitting, i.e. thresholds
+    step (embedder, scaling, classifier, early stopping, novelty statistics); the rejection
+    threshold is the ``1 - target_frr`` quantile of the trained model's novelty score on these
+    cells, so it is set on the very model that annotates, on cells it has never seen. (Cross-fitting, i.e. thresholds
     from fold models and a final refit on all cells, was measured and rejected: on
     ``pbmc68k_reduced`` the fold models were far less confident than the refit model, so the
     threshold rejected 0 % of known and of unseen cells.) The input is not modified.
@@ -147,6 +156,9 @@ def train(
     calibration_fraction
         Share of reference cells held out to calibrate the threshold; 0 trains on every cell
         and skips calibration (no cell is ever ``Unknown``).
+    novelty
+        Default novelty score for ``Unknown`` (see :mod:`spikgpt.openset.novelty`):
+        ``"combined"`` or one of its components.
     min_cells_per_class
         Smallest accepted class size.
     seed
@@ -179,16 +191,18 @@ def train(
     model.classes = classes
     calibration = {"n_cells": int(len(cal_idx))}
     if len(cal_idx):
-        pred = model.predict(cells.subset(cal_idx))
-        model.threshold = calibrate_threshold(pred.confidence, target_frr)
+        fit_out = _embedded_outputs(model, cells.subset(fit_idx))
+        model.novelty = NoveltyScorer().fit(fit_out[0], y[fit_idx][fit_out[1]], seed=seed)
+        cal_out, cal_ok = _embedded_outputs(model, cells.subset(cal_idx))
+        model.novelty.calibrate(cal_out)
+        model.novelty_method = novelty
         model.target_frr = target_frr
-        correct = pred.probs.argmax(axis=1) == y[cal_idx]
-        calibration.update(
-            accuracy=float(correct.mean()),
-            false_unknown=float((pred.confidence < model.threshold).mean()),
-        )
+        model.threshold = model.novelty.threshold(novelty, model.novelty_components, target_frr)
+        correct = cal_out.probs.argmax(axis=1) == y[cal_idx][cal_ok]
+        calibration.update(accuracy=float(correct.mean()))
         logger.info(
-            "Threshold %.4f from %d held-out reference cells (their accuracy %.3f).",
+            "Novelty (%s) threshold %.4f from %d held-out reference cells (their accuracy %.3f).",
+            novelty,
             model.threshold,
             len(cal_idx),
             calibration["accuracy"],
@@ -214,20 +228,26 @@ def annotate(
     layer: str | None = None,
     use_raw: bool = False,
     gene_key: str | None = None,
+    novelty: str | None = None,
     threshold: float | None = None,
     key_added: str = "spikgpt",
     copy: bool = False,
 ) -> ad.AnnData | None:
-    """Annotate cells with a trained model, calling low-confidence cells ``Unknown``.
+    """Annotate cells with a trained model, calling novel or low-confidence cells ``Unknown``.
 
     Writes, with ``key_added="spikgpt"``:
 
-    - ``obs["spikgpt_label"]``: predicted cell type, or ``Unknown`` below the threshold;
-    - ``obs["spikgpt_raw_label"]``: predicted cell type before rejection;
+    - ``obs["spikgpt_label"]``: predicted cell type, or ``Unknown`` above the novelty threshold;
+    - ``obs["spikgpt_raw_label"]``: predicted cell type before rejection (novelty scoring never
+      changes it);
     - ``obs["spikgpt_confidence"]``: softmax maximum of the time-averaged logits (0 for
       cells the embedder could not embed);
+    - ``obs["spikgpt_novelty"]``: novelty in [0, 1], the share of held-out reference cells
+      that look more familiar (1 for cells that could not be embedded);
+    - ``obs["spikgpt_unknown_reason"]``: the novelty score that made a cell ``Unknown``
+      (``not_embedded`` for cells that could not be embedded), empty otherwise;
     - ``obsm["X_spikgpt_embedding"]``: the cell embedding the classifier consumed;
-    - ``uns["spikgpt"]``: threshold, model summary and settings.
+    - ``uns["spikgpt"]``: threshold, novelty score, model summary and settings.
 
     Parameters
     ----------
@@ -237,8 +257,12 @@ def annotate(
         A :class:`~spikgpt.SpikGPTModel` or a model folder.
     layer, use_raw, gene_key
         Expression source and gene names of the query (see :func:`train`).
+    novelty
+        Novelty score deciding ``Unknown``: ``"combined"`` or one of
+        :data:`spikgpt.openset.novelty.SCORES`; the model's default when ``None``. Its threshold
+        is calibrated on the model's held-out reference cells.
     threshold
-        Override the calibrated threshold.
+        Override the calibrated novelty threshold.
     key_added
         Prefix of the keys written.
     copy
@@ -254,22 +278,28 @@ def annotate(
         adata = adata.copy()
     if not isinstance(model, SpikGPTModel):
         model = SpikGPTModel.load(model)
-    thr = model.threshold if threshold is None else float(threshold)
+    method = novelty or model.novelty_method
+    thr = model.unknown_threshold(method) if threshold is None else float(threshold)
     t0 = time.perf_counter()
-    pred = model.predict(Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key))
-    labels = reject(pred.raw_label, pred.confidence, thr)
+    pred = model.predict(Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key), novelty=method)
+    is_unknown = ~(pred.novelty <= thr)
+    labels = np.where(is_unknown, UNKNOWN, pred.raw_label)
     categories = [*model.classes, UNKNOWN]
     adata.obs[f"{key_added}_label"] = pd.Categorical(labels, categories=categories)
     adata.obs[f"{key_added}_raw_label"] = pd.Categorical(pred.raw_label, categories=model.classes)
     adata.obs[f"{key_added}_confidence"] = pred.confidence.astype(np.float32)
+    adata.obs[f"{key_added}_novelty"] = pred.novelty.astype(np.float32)
+    adata.obs[f"{key_added}_unknown_reason"] = np.where(is_unknown, pred.reason, "").astype(str)
     adata.obsm[f"X_{key_added}_embedding"] = pred.embedding
     adata.uns[key_added] = {
         "spikgpt_version": __version__,
         "embedder": model.embedder.spec,
+        "novelty": method,
+        "novelty_components": list(model.novelty_components) if method == "combined" else [method],
         "threshold": thr,
         "target_frr": model.target_frr,
         "classes": list(model.classes),
-        "n_unknown": int((labels == UNKNOWN).sum()),
+        "n_unknown": int(is_unknown.sum()),
         "n_not_embedded": int((~pred.embedded).sum()),
         "input": {"layer": layer or "", "use_raw": use_raw, "gene_key": gene_key or ""},
         "seconds": round(time.perf_counter() - t0, 3),

@@ -10,7 +10,12 @@ from spikgpt.model import SpikGPTModel
 
 def test_save_load_identical_predictions(trained, counts, tmp_path):
     path = trained.save(tmp_path / "m")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "embedder.safetensors", "weights.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json",
+        "embedder.safetensors",
+        "novelty.safetensors",
+        "weights.safetensors",
+    ]
     loaded = spikgpt.load_model(path)
     a = spikgpt.annotate(counts, trained, copy=True)
     b = spikgpt.annotate(counts, loaded, copy=True)
@@ -18,6 +23,15 @@ def test_save_load_identical_predictions(trained, counts, tmp_path):
     np.testing.assert_array_equal(a.obs["spikgpt_confidence"], b.obs["spikgpt_confidence"])
     assert loaded.threshold == trained.threshold and loaded.classes == trained.classes
     assert "3 cell types" in repr(loaded)
+    # every novelty score survives the round trip
+    from spikgpt.data import Cells
+
+    ra = trained.novelty.raw_scores(trained.predict(Cells(counts)).outputs)
+    rb = loaded.novelty.raw_scores(loaded.predict(Cells(counts)).outputs)
+    for name in ra:
+        np.testing.assert_allclose(ra[name], rb[name], rtol=1e-6, err_msg=name)  # BLAS rounding only
+    for method in ("combined", "knn_latent", "energy"):
+        assert loaded.unknown_threshold(method) == trained.unknown_threshold(method)
     with pytest.raises(FileExistsError, match="overwrite"):
         trained.save(path)
 

@@ -26,10 +26,13 @@ from spikgpt.errors import ModelFormatError
 from spikgpt.model.network import NetworkConfig, SpikingTransformer
 from spikgpt.model.training import TrainConfig
 from spikgpt.openset import confidence_from_logits
+from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer
+from spikgpt.snn import LIF
 
 FORMAT = "spikgpt-model"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, EMBEDDER_FILE = "config.json", "weights.safetensors", "embedder.safetensors"
+NOVELTY_FILE = "novelty.safetensors"
 
 
 @dataclass
@@ -41,6 +44,9 @@ class Prediction:
     confidence: np.ndarray  # [n]
     raw_label: np.ndarray  # [n] class names, before rejection
     embedded: np.ndarray  # [n] bool
+    novelty: np.ndarray  # [n] in [0, 1]; 1 for cells that could not be embedded
+    reason: np.ndarray  # [n] the novelty score responsible ("not_embedded" where so)
+    outputs: CellOutputs
 
 
 @dataclass
@@ -56,6 +62,9 @@ class SpikGPTModel:
     target_frr: float
     train_config: TrainConfig
     summary: dict = field(default_factory=dict)
+    novelty: NoveltyScorer | None = None
+    novelty_method: str = "combined"
+    novelty_components: tuple[str, ...] = DEFAULT_COMBINATION
 
     def __repr__(self) -> str:
         cfg = self.network.cfg
@@ -74,23 +83,57 @@ class SpikGPTModel:
         return np.nan_to_num(Z, nan=0.0).astype(np.float32)
 
     @torch.inference_mode()
-    def logits(self, E: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
-        """Logits per time step ``[T, n, C]`` for embedder outputs ``E``."""
-        Z = torch.as_tensor(self.standardise(E))
-        self.network.eval()
-        out = [self.network(Z[s : s + batch_size]) for s in range(0, len(Z), batch_size)]
-        if not out:
-            return torch.zeros(self.network.time_steps, 0, len(self.classes))
-        return torch.cat(out, dim=1)
+    def outputs(self, E: np.ndarray, batch_size: int = 4096) -> CellOutputs:
+        """Logits, latent, standardised embedding and per-layer firing rates for embeddings ``E``."""
+        Z = self.standardise(E)
+        net = self.network.eval()
+        acts = [m for m in net.modules() if isinstance(m, LIF | torch.nn.ReLU)]
+        rates: list[list[torch.Tensor]] = [[] for _ in acts]
+        hooks = [
+            m.register_forward_hook(lambda _m, _i, o, r=r: r.append((o > 0).float().transpose(0, 1).flatten(1).mean(1)))
+            for m, r in zip(acts, rates, strict=True)
+        ]
+        logits, latent = [], []
+        try:
+            for s in range(0, len(Z), batch_size):
+                feats = net.features(torch.as_tensor(Z[s : s + batch_size]))
+                logits.append(net.head(feats))
+                latent.append(feats.mean(0))
+        finally:
+            for h in hooks:
+                h.remove()
+        T, C, D = net.time_steps, len(self.classes), net.cfg.dim
+        return CellOutputs(
+            logits=torch.cat(logits, dim=1) if logits else torch.zeros(T, 0, C),
+            latent=torch.cat(latent).numpy() if latent else np.zeros((0, D), np.float32),
+            embedding=Z,
+            firing=torch.stack([torch.cat(r) for r in rates], dim=1).numpy() if logits else np.zeros((0, len(acts))),
+        )
 
-    def predict(self, cells: Cells) -> Prediction:
-        """Embed and classify ``cells`` (no rejection; see :func:`spikgpt.annotate`)."""
+    def unknown_threshold(self, method: str | None = None) -> float:
+        """The calibrated novelty threshold of ``method`` (the model's default when ``None``)."""
+        method = method or self.novelty_method
+        if method == self.novelty_method or self.novelty is None:
+            return self.threshold
+        return self.novelty.threshold(method, self.novelty_components, self.target_frr)
+
+    def predict(self, cells: Cells, *, novelty: str | None = None) -> Prediction:
+        """Embed and classify ``cells`` and score their novelty (see :func:`spikgpt.annotate`)."""
         E = self.embedder.transform(cells)
         embedded = np.isfinite(E).all(axis=1)
-        probs, conf = confidence_from_logits(self.logits(E))
+        out = self.outputs(E)
+        probs, conf = confidence_from_logits(out.logits)
         conf = np.where(embedded, conf, 0.0)
         raw = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
-        return Prediction(E, probs, conf, raw, embedded)
+        if self.novelty is not None:
+            nov, reason = self.novelty.combine(
+                self.novelty.raw_scores(out), novelty or self.novelty_method, self.novelty_components
+            )
+        else:  # uncalibrated model: max-probability only
+            nov, reason = 1 - conf, np.full(len(conf), "max_prob", dtype=object)
+        nov = np.where(embedded, nov, 1.0)
+        reason = np.where(embedded, reason, "not_embedded")
+        return Prediction(E, probs, conf, raw, embedded, nov, reason, out)
 
     # ---------------------------------------------------------------- save / load
     def config(self) -> dict:
@@ -102,6 +145,13 @@ class SpikGPTModel:
             "classes": list(self.classes),
             "threshold": self.threshold,
             "target_frr": self.target_frr,
+            "novelty": {
+                "method": self.novelty_method,
+                "components": list(self.novelty_components),
+                "calibrated": self.novelty is not None,
+                "max_reference_cells": self.novelty.max_reference_cells if self.novelty else None,
+                "k": self.novelty.k if self.novelty else None,
+            },
             "embedder": self.embedder.config(),
             "network": self.network.cfg.to_dict(),
             "train": self.train_config.to_dict(),
@@ -136,6 +186,8 @@ class SpikGPTModel:
             save_torch(state, tmp / WEIGHTS_FILE)
             arrays = {k: np.ascontiguousarray(v) for k, v in self.embedder.arrays().items()}
             save_numpy(arrays, tmp / EMBEDDER_FILE)
+            if self.novelty is not None:
+                save_numpy({k: np.ascontiguousarray(v) for k, v in self.novelty.arrays().items()}, tmp / NOVELTY_FILE)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -183,6 +235,12 @@ class SpikGPTModel:
             mean, std = state.pop("input_mean").numpy(), state.pop("input_std").numpy()
             net.load_state_dict(state, strict=True)
             embedder = embedder_from_config(cfg["embedder"], arrays)
+            nov_cfg = cfg["novelty"]
+            scorer = None
+            if nov_cfg["calibrated"]:
+                scorer = NoveltyScorer.from_arrays(
+                    load_numpy(path / NOVELTY_FILE), nov_cfg["max_reference_cells"], nov_cfg["k"]
+                )
             model = cls(
                 embedder=embedder,
                 network=net.eval(),
@@ -193,6 +251,9 @@ class SpikGPTModel:
                 target_frr=float(cfg["target_frr"]),
                 train_config=TrainConfig.from_dict(cfg["train"]),
                 summary=cfg.get("summary", {}),
+                novelty=scorer,
+                novelty_method=nov_cfg["method"],
+                novelty_components=tuple(nov_cfg["components"]),
             )
         except ModelFormatError:
             raise

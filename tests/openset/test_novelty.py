@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+
+from spikgpt.openset.novelty import SCORES, CellOutputs, NoveltyScorer
+
+
+def outputs(X: np.ndarray) -> CellOutputs:
+    """A toy model: class A for x0 > 0, B for x0 < 0; confidence grows with |x0|."""
+    logits = torch.as_tensor(np.stack([X[:, 0], -X[:, 0]], axis=1), dtype=torch.float32)
+    firing = 1 / (1 + np.exp(-X[:, :2]))
+    return CellOutputs(logits.expand(4, -1, -1), X.astype(np.float32), X.astype(np.float32), firing)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([rng.normal([4, 0, 0, 0], 1, (300, 4)), rng.normal([-4, 0, 0, 0], 1, (300, 4))])
+    y = np.repeat([0, 1], 300)
+    cal = np.concatenate([rng.normal([4, 0, 0, 0], 1, (200, 4)), rng.normal([-4, 0, 0, 0], 1, (200, 4))])
+    s = NoveltyScorer(max_reference_cells=400).fit(outputs(ref), y)
+    s.calibrate(outputs(cal))
+    return s
+
+
+def auroc(novel: np.ndarray, known: np.ndarray) -> float:
+    return float((novel[:, None] > known[None, :]).mean())
+
+
+def test_far_cluster_caught_by_distances_not_by_max_prob(scorer):
+    rng = np.random.default_rng(1)
+    known = scorer.raw_scores(outputs(rng.normal([4, 0, 0, 0], 1, (100, 4))))
+    # far from every class but on the confident side of the decision boundary
+    far = scorer.raw_scores(outputs(rng.normal([6, 12, 0, 0], 1, (100, 4))))
+    for name in ("knn_latent", "knn_embedding", "mahalanobis_latent", "mahalanobis_embedding"):
+        assert auroc(far[name], known[name]) > 0.99, name
+    assert auroc(far["firing"], known["firing"]) > 0.95  # toy firing rates saturate
+    assert auroc(far["max_prob"], known["max_prob"]) < 0.6
+
+
+def test_between_two_classes_caught_by_max_prob_and_distances(scorer):
+    rng = np.random.default_rng(2)
+    known = scorer.raw_scores(
+        outputs(np.concatenate([rng.normal([4, 0, 0, 0], 1, (50, 4)), rng.normal([-4, 0, 0, 0], 1, (50, 4))]))
+    )
+    between = scorer.raw_scores(outputs(rng.normal([0, 0, 0, 0], 0.3, (100, 4))))
+    for name in ("max_prob", "energy", "knn_latent", "mahalanobis_embedding"):
+        assert auroc(between[name], known[name]) > 0.95, name
+
+
+def test_combined_takes_the_most_extreme_percentile_and_names_it(scorer):
+    rng = np.random.default_rng(3)
+    far = outputs(rng.normal([6, 12, 0, 0], 1, (50, 4)))
+    nov, reason = scorer.combine(scorer.raw_scores(far), "combined", ("max_prob", "knn_latent"))
+    assert (nov == 1.0).all() and set(reason) == {"knn_latent"}
+    with pytest.raises(ValueError, match="Unknown novelty score"):
+        scorer.combine(scorer.raw_scores(far), "bogus", ())
+
+
+@pytest.mark.parametrize("method", ["combined", *SCORES])
+def test_threshold_calibrated_on_held_out_cells(scorer, method):
+    rng = np.random.default_rng(4)
+    thr = scorer.threshold(method, ("max_prob", "knn_latent", "mahalanobis_embedding"), 0.05)
+    new = outputs(np.concatenate([rng.normal([4, 0, 0, 0], 1, (1000, 4)), rng.normal([-4, 0, 0, 0], 1, (1000, 4))]))
+    nov, _ = scorer.combine(scorer.raw_scores(new), method, ("max_prob", "knn_latent", "mahalanobis_embedding"))
+    assert abs((nov > thr).mean() - 0.05) < 0.03, method
