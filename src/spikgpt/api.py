@@ -80,9 +80,10 @@ def _fit_pipeline(
     if not ok.all():
         logger.warning("%d reference cells could not be embedded and are left out.", (~ok).sum())
         E, y = E[ok], y[ok]
+    # One global scale, not one per dimension: whitening PCA components would blow the
+    # low-variance (mostly noise) components up to the weight of the informative ones.
     mean = E.mean(axis=0)
-    std = E.std(axis=0)
-    std[std < 1e-6] = 1.0
+    std = np.full_like(mean, max(float(np.sqrt(((E - mean) ** 2).sum(axis=1).mean() / E.shape[1])), 1e-6))
     Z = ((E - mean) / std).astype(np.float32)
     net_cfg = replace(net_cfg, in_dim=E.shape[1])
     net, history = fit_network(Z, y, net_cfg, cfg, seed=seed, progress=progress)

@@ -199,6 +199,30 @@ def demo(
     )
 
 
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Folder for results.json, results.md and figures/.")] = Path("bench_out"),
+    task: Annotated[list[str] | None, typer.Option(help="Task to run (repeatable); all by default.")] = None,
+    seeds: Annotated[int, typer.Option(help="Number of seeds (0..n-1).")] = 3,
+    celltypist: Annotated[bool, typer.Option(help="Also run CellTypist 1.7.1 (own venv, created once).")] = True,
+    loto: Annotated[bool, typer.Option(help="Leave-one-type-out open-set evaluation.")] = True,
+    data_root: Annotated[Path | None, typer.Option(help="Folder with the datasets (default ../shared/data).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Benchmark spikgpt against its non-spiking twin, LR/kNN on the same embedding and CellTypist."""
+    from spikgpt.bench.run import run_bench
+
+    _setup(quiet)
+    try:
+        results = run_bench(
+            out, tasks=task, seeds=list(range(seeds)), celltypist=celltypist, loto=loto, data_root=data_root
+        )
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    Console().print((out / "results.md").read_text())
+    console.print(f"{len(results['tasks'])} tasks in {results['seconds']:.0f} s; wrote [bold]{out}[/]")
+
+
 def main() -> None:  # pragma: no cover
     """Entry point."""
     app()

@@ -2,7 +2,8 @@
 
 Every AnnData that enters spikgpt goes through :func:`prepare`: it picks the expression source
 (``X``, a layer or ``raw``), checks it, detects raw counts vs log-normalised values and brings
-both to one scale, log1p of counts per 10,000 — the same on reference and query.
+counts to log1p of counts per 10,000 (the scale log-normalised data is expected to be on),
+the same on reference and query.
 """
 
 from __future__ import annotations
@@ -188,12 +189,13 @@ def validate(adata: ad.AnnData, X: sp.csr_matrix, genes: np.ndarray) -> None:
 def normalise(X: sp.csr_matrix, *, counts: bool) -> sp.csr_matrix:
     """Bring ``X`` to log1p of counts per 10,000.
 
-    Log-normalised input is mapped back with ``expm1`` and re-normalised, so that data
-    normalised to another total comes out on the same scale as counts do.
+    Raw counts are normalised per cell and log1p-transformed. Log-normalised input is kept as
+    it is: re-normalising it would assume it is the natural log of counts over the whole
+    transcriptome, which published matrices often are not (log2 values, or a panel of a few
+    hundred marker genes whose per-cell total is dominated by one hormone gene).
     """
-    X = X.copy()
     if not counts:
-        np.expm1(X.data, out=X.data)
+        return X.copy()
     totals = np.asarray(X.sum(axis=1)).ravel()
     scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
     X = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ X, dtype=np.float32)

@@ -1,0 +1,102 @@
+"""The methods spikgpt is compared with, all trained on the reference only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+
+from spikgpt.data import Cells
+from spikgpt.model.annotator import SpikGPTModel
+
+logger = logging.getLogger("spikgpt")
+
+CELLTYPIST_PINS = ("celltypist==1.7.1", "scikit-learn<1.8")
+
+
+@dataclass
+class MethodResult:
+    """Predictions of one method on a query."""
+
+    raw_label: np.ndarray  # before any rejection
+    label: np.ndarray  # with the method's own Unknown/Unassigned, where it has one
+    score: np.ndarray | None  # confidence (higher = more confident) for open-set AUROC
+    train_seconds: float
+    predict_seconds: float
+    extra: dict
+
+
+def embedding_baselines(model: SpikGPTModel, ref: ad.AnnData, query: ad.AnnData, label_key: str, **input_kw) -> dict:
+    """Logistic regression and kNN on spikgpt's own (standardised) embedding of the reference."""
+    E_ref = model.standardise(model.embedder.transform(Cells(ref, **input_kw)))
+    E_q = model.standardise(model.embedder.transform(Cells(query, **input_kw)))
+    y = ref.obs[label_key].astype(str).to_numpy()
+    out = {}
+    for name, clf in {
+        "logreg_embedding": LogisticRegression(max_iter=2000),
+        "knn_embedding": KNeighborsClassifier(n_neighbors=min(15, len(y))),
+    }.items():
+        t0 = time.perf_counter()
+        clf.fit(E_ref, y)
+        t1 = time.perf_counter()
+        proba = clf.predict_proba(E_q)
+        pred = clf.classes_[proba.argmax(axis=1)]
+        t2 = time.perf_counter()
+        out[name] = MethodResult(pred, pred, proba.max(axis=1), t1 - t0, t2 - t1, {})
+    return out
+
+
+def celltypist_python(venv: Path) -> Path:
+    """The isolated CellTypist environment's python, created on first use (registry access needed once)."""
+    py = venv / "bin" / "python"
+    if not py.exists():
+        logger.info("Creating %s for CellTypist (%s).", venv, ", ".join(CELLTYPIST_PINS))
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *CELLTYPIST_PINS], check=True)
+    return py
+
+
+def run_celltypist(
+    ref: ad.AnnData, query: ad.AnnData, label_key: str, *, use_raw: bool, seed: int, venv: Path
+) -> MethodResult:
+    """Train CellTypist on the reference and annotate the query, in its own environment."""
+    py = celltypist_python(venv)
+    runner = Path(__file__).with_name("celltypist_runner.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        r, q, out = Path(tmp) / "ref.h5ad", Path(tmp) / "query.h5ad", Path(tmp) / "pred.csv"
+        keep = [label_key]
+        ad.AnnData(ref.X, obs=ref.obs[keep], var=ref.var[[]], raw=ref.raw).write_h5ad(r)
+        ad.AnnData(query.X, obs=pd.DataFrame(index=query.obs_names), var=query.var[[]], raw=query.raw).write_h5ad(q)
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(
+            [str(py), str(runner), str(r), str(q), label_key, str(out), str(int(use_raw)), str(seed)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if proc.returncode != 0:
+            msg = f"CellTypist failed:\n{proc.stderr[-2000:]}"
+            raise RuntimeError(msg)
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        df = pd.read_csv(out, index_col=0)
+    return MethodResult(
+        df["best_match"].astype(str).to_numpy(),
+        df["prob_match"].astype(str).to_numpy(),
+        df["max_prob"].to_numpy(),
+        info["train_seconds"],
+        info["predict_seconds"],
+        {"peak_rss_mb": info["peak_rss_mb"]},
+    )

@@ -1,0 +1,268 @@
+"""``spikgpt bench``: every task × method × seed, open-set scores, tables and figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import f1_score, roc_auc_score
+
+from spikgpt import __version__
+from spikgpt.api import annotate, train
+from spikgpt.bench import figures
+from spikgpt.bench.baselines import MethodResult, embedding_baselines, run_celltypist
+from spikgpt.bench.metrics import closed_set
+from spikgpt.bench.openset import leave_one_type_out, score_aurocs
+from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS, Task
+from spikgpt.openset import UNKNOWN
+from spikgpt.openset.novelty import SCORES
+
+logger = logging.getLogger("spikgpt")
+
+#: Tasks whose leave-one-type-out open-set evaluation runs (one retraining per type).
+LOTO_TASKS = ("pbmc68k_split",)
+
+
+def _spikgpt(ref, query, task: Task, seed: int, spiking: bool) -> tuple[MethodResult, object]:
+    t0 = time.perf_counter()
+    model = train(ref, task.label_key, seed=seed, progress=False, network={"spiking": spiking}, **task.input_kw)
+    t1 = time.perf_counter()
+    annotated = annotate(query, model, copy=True, **task.input_kw)
+    t2 = time.perf_counter()
+    res = MethodResult(
+        annotated.obs["spikgpt_raw_label"].astype(str).to_numpy(),
+        annotated.obs["spikgpt_label"].astype(str).to_numpy(),
+        annotated.obs["spikgpt_confidence"].to_numpy(),
+        t1 - t0,
+        t2 - t1,
+        {},
+    )
+    return res, (model, annotated)
+
+
+def run_task(task: Task, seeds: list[int], *, data_root: Path, celltypist: bool, out: Path, venv: Path) -> dict:
+    """Every method on one task, over seeds; figures for the first seed."""
+    per_method: dict[str, list[dict]] = {}
+    open_set: dict[str, list] = {
+        "scores": {},
+        "celltypist_max_prob": [],
+        "spikgpt_unknown": [],
+        "spikgpt_false_unknown": [],
+        "celltypist_unassigned": [],
+        "celltypist_false_unassigned": [],
+    }
+    info = {}
+    for seed in seeds:
+        ref, query = task.load(data_root, seed)
+        truth = query.obs[task.label_key].astype(str).to_numpy()
+        classes = sorted(set(ref.obs[task.label_key].astype(str)))
+        unseen = ~np.isin(truth, classes)
+        info = {
+            "description": task.description,
+            "n_reference": ref.n_obs,
+            "n_query": query.n_obs,
+            "unseen_types": sorted(set(truth[unseen])),
+            "sources": task.sources,
+        }
+        results: dict[str, MethodResult] = {}
+        results["spikgpt"], (model, annotated) = _spikgpt(ref, query, task, seed, spiking=True)
+        results["non-spiking twin"], _ = _spikgpt(ref, query, task, seed, spiking=False)
+        results.update(embedding_baselines(model, ref, query, task.label_key, **task.input_kw))
+        if celltypist:
+            try:
+                results["celltypist"] = run_celltypist(
+                    ref, query, task.label_key, use_raw=task.use_raw, seed=seed, venv=venv
+                )
+            except (RuntimeError, OSError) as err:
+                logger.warning("CellTypist skipped on %s: %s", task.name, err)
+        for name, r in results.items():
+            m = closed_set(truth, r.raw_label, classes)
+            known = np.isin(truth, classes)
+            per_class = f1_score(truth[known], r.raw_label[known], labels=classes, average=None, zero_division=0)
+            per_method.setdefault(name, []).append(
+                {
+                    **m,
+                    "per_class_f1": dict(zip(classes, map(float, per_class), strict=True)),
+                    "train_seconds": r.train_seconds,
+                    "predict_cells_per_s": len(truth) / max(r.predict_seconds, 1e-9),
+                    **r.extra,
+                }
+            )
+        if unseen.any():
+            for name, v in score_aurocs(model, query, task.label_key, **task.input_kw).items():
+                open_set["scores"].setdefault(name, []).append(v)
+            open_set["spikgpt_unknown"].append(float((results["spikgpt"].label[unseen] == UNKNOWN).mean()))
+            open_set["spikgpt_false_unknown"].append(float((results["spikgpt"].label[~unseen] == UNKNOWN).mean()))
+            if "celltypist" in results:
+                ct = results["celltypist"]
+                open_set["celltypist_max_prob"].append(float(roc_auc_score(unseen, -ct.score)))
+                open_set["celltypist_unassigned"].append(float((ct.label[unseen] == UNKNOWN).mean()))
+                open_set["celltypist_false_unassigned"].append(float((ct.label[~unseen] == UNKNOWN).mean()))
+        if seed == seeds[0]:
+            fig_dir = out / "figures"
+            fig_dir.mkdir(parents=True, exist_ok=True)
+            figures.confusion(
+                truth, results["spikgpt"].label, fig_dir / f"{task.name}_confusion.png", f"spikgpt on {task.name}"
+            )
+            f1_table = pd.DataFrame({n: v[-1]["per_class_f1"] for n, v in per_method.items()})
+            figures.per_class_f1(f1_table, fig_dir / f"{task.name}_per_class_f1.png", f"per-class F1, {task.name}")
+            figures.query_umap(annotated, task.label_key, fig_dir / f"{task.name}_umap.png", seed=seed)
+    return {**info, "methods": per_method, "open_set": open_set if open_set["scores"] else {}}
+
+
+def _ms(values: list[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "–"
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values):.3f}" if len(values) > 1 else "")
+
+
+def markdown(results: dict) -> str:
+    """The summary tables of a benchmark run."""
+    tasks = results["tasks"]
+    methods = sorted({m for t in tasks.values() for m in t["methods"]}, key=lambda m: (m != "spikgpt", m))
+    lines = ["## Closed set: macro-F1 (accuracy) on query cells of reference types, mean ± sd over seeds", ""]
+    lines.append("| task | " + " | ".join(methods) + " |")
+    lines.append("|---" * (len(methods) + 1) + "|")
+    for name, t in tasks.items():
+        cells = []
+        for m in methods:
+            runs = t["methods"].get(m)
+            cells.append(
+                "–"
+                if not runs
+                else f"{_ms([r['macro_f1'] for r in runs])} ({np.mean([r['accuracy'] for r in runs]):.3f})"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Speed: training seconds / prediction cells per second (mean over tasks and seeds)", ""]
+    lines.append("| method | train s | predict cells/s |")
+    lines.append("|---|---|---|")
+    for m in methods:
+        runs = [r for t in tasks.values() for r in t["methods"].get(m, [])]
+        train_s = np.mean([r["train_seconds"] for r in runs])
+        speed = np.mean([r["predict_cells_per_s"] for r in runs])
+        lines.append(f"| {m} | {train_s:.2f} | {speed:,.0f} |")
+    open_tasks = {n: t["open_set"] for n, t in tasks.items() if t["open_set"]}
+    if open_tasks:
+        names = ["combined", *SCORES]
+        lines += ["", "## Open set: AUROC unseen vs known query cells, per novelty score", ""]
+        lines.append(
+            "| task | "
+            + " | ".join(names)
+            + " | CellTypist max-prob | spikgpt Unknown (unseen / known) | CellTypist Unassigned (unseen / known) |"
+        )
+        lines.append("|---" * (len(names) + 4) + "|")
+        for n, o in open_tasks.items():
+            row = [_ms(o["scores"].get(s, [])) for s in names]
+            row += [
+                _ms(o["celltypist_max_prob"]),
+                f"{_ms(o['spikgpt_unknown'])} / {_ms(o['spikgpt_false_unknown'])}",
+                f"{_ms(o['celltypist_unassigned'])} / {_ms(o['celltypist_false_unassigned'])}",
+            ]
+            lines.append(f"| {n} | " + " | ".join(row) + " |")
+    for task_name, loto in results.get("leave_one_type_out", {}).items():
+        names = ["combined", *SCORES]
+        lines += ["", f"## Leave-one-type-out on {task_name}: AUROC per held-out type and score", ""]
+        lines.append(
+            "| held-out type | " + " | ".join(names) + " | Unknown | false Unknown | macro-F1 before → after |"
+        )
+        lines.append("|---" * (len(names) + 4) + "|")
+        for t, r in loto.items():
+            lines.append(
+                f"| {t} | "
+                + " | ".join(f"{r['auroc'].get(s, float('nan')):.3f}" for s in names)
+                + f" | {r['unseen_called_unknown']:.2f} | {r['false_unknown_known']:.3f}"
+                + f" | {r['macro_f1_before']:.3f} → {r['macro_f1_after']:.3f} |"
+            )
+        means = [np.mean([r["auroc"][s] for r in loto.values()]) for s in names]
+        worst = [np.min([r["auroc"][s] for r in loto.values()]) for s in names]
+        lines.append("| **mean** | " + " | ".join(f"**{v:.3f}**" for v in means) + " | | | |")
+        lines.append("| worst | " + " | ".join(f"{v:.3f}" for v in worst) + " | | | |")
+    h = results["hardware"]
+    lines += [
+        "",
+        f"Hardware: {h['cpu_count']} CPU cores, {h['machine']}, torch {h['torch']} ({h['torch_threads']} threads), "
+        f"spikgpt {h['spikgpt']}. Seeds: {results['seeds']}. Total {results['seconds']:.0f} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(
+    out: str | os.PathLike,
+    *,
+    tasks: list[str] | None = None,
+    seeds: list[int] | None = None,
+    celltypist: bool = True,
+    loto: bool = True,
+    data_root: str | os.PathLike | None = None,
+    celltypist_venv: str | os.PathLike = ".venv-celltypist",
+) -> dict:
+    """Run the benchmark and write ``results.json``, ``results.md`` and ``figures/`` into ``out``.
+
+    Parameters
+    ----------
+    out
+        Output folder.
+    tasks
+        Task names (see :data:`spikgpt.bench.tasks.TASKS`); all by default.
+    seeds
+        Seeds to repeat every task with (default 0, 1, 2).
+    celltypist
+        Also run CellTypist 1.7.1 in its own virtual environment (created on first use).
+    loto
+        Run leave-one-type-out on :data:`LOTO_TASKS`.
+    data_root
+        Folder with the datasets (default: ``shared/data`` beside the repository).
+    celltypist_venv
+        Where CellTypist's environment lives.
+
+    Returns
+    -------
+    The results (also in ``results.json``).
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(data_root) if data_root else DEFAULT_DATA_ROOT
+    seeds = seeds if seeds is not None else [0, 1, 2]
+    names = tasks or list(TASKS)
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        msg = f"Unknown task(s) {unknown}; choose from {list(TASKS)}."
+        raise ValueError(msg)
+    results: dict = {"tasks": {}, "seeds": seeds}
+    for n in names:
+        logger.info("Task %s", n)
+        results["tasks"][n] = run_task(
+            TASKS[n], seeds, data_root=root, celltypist=celltypist, out=out, venv=Path(celltypist_venv)
+        )
+    if loto:
+        results["leave_one_type_out"] = {}
+        for n in [t for t in LOTO_TASKS if t in names]:
+            task = TASKS[n]
+            adata = task.read_reference(root)
+            results["leave_one_type_out"][n] = leave_one_type_out(
+                adata, task.label_key, seed=seeds[0], input_kw=task.input_kw
+            )
+    results["seconds"] = time.perf_counter() - t0
+    results["hardware"] = {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "spikgpt": __version__,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    tmp.replace(out / "results.json")
+    (out / "results.md").write_text(markdown(results))
+    return results
