@@ -200,6 +200,59 @@ def demo(
 
 
 @app.command()
+def explain(
+    query: Annotated[Path, typer.Argument(help="Cells to explain (.h5ad).")],
+    model: Annotated[Path, typer.Option(help="Model folder from `spikgpt train`.")],
+    out: Annotated[Path, typer.Option(help="Folder for top_genes.csv, figures and summary.md.")],
+    n_top: Annotated[int, typer.Option(help="Genes kept per class.")] = 20,
+    cell: Annotated[
+        list[str] | None, typer.Option(help="obs_name whose attributions/raster to keep (repeatable).")
+    ] = None,
+    layer: Layer = None,
+    use_raw: UseRaw = False,
+    gene_key: GeneKey = None,
+    quiet: Quiet = False,
+) -> None:
+    """Gene attributions per class, spike-attention maps, firing rates and a spike raster."""
+    from spikgpt.explain import explain as explain_
+
+    _setup(quiet)
+    try:
+        explain_(query, model, layer=layer, use_raw=use_raw, gene_key=gene_key, n_top=n_top, cells=cell, out=out)
+    except SpikGPTError as err:
+        _fail(err)
+    Console().print((out / "summary.md").read_text())
+
+
+@app.command()
+def energy(
+    query: Annotated[Path, typer.Argument(help="Cells to run (.h5ad).")],
+    model: Annotated[Path, typer.Option(help="Model folder from `spikgpt train`.")],
+    out: Annotated[Path | None, typer.Option(help="Also write the report (Markdown) and energy.json here.")] = None,
+    layer: Layer = None,
+    use_raw: UseRaw = False,
+    gene_key: GeneKey = None,
+    quiet: Quiet = False,
+) -> None:
+    """Synaptic operations and estimated energy (45 nm) vs the non-spiking twin, with CPU time."""
+    import json
+
+    from spikgpt.energy import energy_report, markdown
+
+    _setup(quiet)
+    try:
+        report = energy_report(query, model, layer=layer, use_raw=use_raw, gene_key=gene_key)
+    except SpikGPTError as err:
+        _fail(err)
+    text = markdown(report)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "energy.md").write_text(text)
+        (out / "energy.json").write_text(json.dumps(report, indent=1, default=float))
+    Console().print(text)
+
+
+@app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="Folder for results.json, results.md and figures/.")] = Path("bench_out"),
     task: Annotated[list[str] | None, typer.Option(help="Task to run (repeatable); all by default.")] = None,

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+import spikgpt
+from spikgpt.energy import markdown
+
+# Markers present among pbmc68k_reduced's genes (CD14 itself is not measured there).
+MARKERS = {
+    "CD19+ B": {"CD79A", "CD79B", "MS4A1"},
+    "CD14+ Monocyte": {"LYZ", "S100A8", "S100A9", "FCN1"},
+    "CD56+ NK": {"NKG7", "GNLY", "GZMB", "PRF1"},
+}
+TOP = 20  # a class passes when at least 2 of its markers are among its top 20 of 765 genes
+
+
+@pytest.fixture(scope="module")
+def pbmc_model(pbmc):
+    return spikgpt.train(pbmc, "bulk_labels", use_raw=True, progress=False, seed=0)
+
+
+def test_known_markers_rank_top_for_their_class(pbmc, pbmc_model, tmp_path):
+    res = spikgpt.explain(pbmc, pbmc_model, use_raw=True, n_top=TOP, out=tmp_path, cells=[pbmc.obs_names[5]])
+    assert res["feature_kind"] == "gene"
+    for cls, markers in MARKERS.items():
+        top = set(res["top_genes"][cls]["feature"])
+        assert len(top & markers) >= 2, (cls, res["top_genes"][cls]["feature"])
+    assert "spikgpt_explain" in pbmc.uns
+    for f in ("top_genes.csv", "attributions_heatmap.png", "attention.png", "raster.png", "summary.md"):
+        assert (tmp_path / f).stat().st_size > 0
+    att = next(iter(res["attention"].values()))
+    cfg = pbmc_model.network.cfg
+    assert att.shape == (cfg.depth, cfg.heads, cfg.n_tokens, cfg.n_tokens)
+    assert len(res["cells"][pbmc.obs_names[5]]) == len(pbmc_model.embedder.genes)
+    del pbmc.uns["spikgpt_explain"]
+
+
+def test_energy_report_on_pbmc(pbmc, pbmc_model):
+    rep = spikgpt.energy(pbmc.copy(), pbmc_model, use_raw=True)
+    assert rep["n_cells"] == pbmc.n_obs
+    assert rep["twin"]["macs_per_cell"] > rep["spiking"]["macs_per_cell"]
+    assert rep["spiking"]["acs_per_cell"] > 0 and 0 < rep["mean_firing_rate"] < 1
+    assert np.isclose(
+        rep["energy_ratio_twin_over_spiking"], rep["twin"]["energy_pj_per_cell"] / rep["spiking"]["energy_pj_per_cell"]
+    )
+    assert "not a CPU measurement" in markdown(rep) and rep["cpu_seconds_per_cell"]["spiking"] > 0
