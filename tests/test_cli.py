@@ -35,13 +35,23 @@ def test_train_annotate_round_trip_on_real_data(pbmc_files):
     truth = out.obs["bulk_labels"].astype(str)
     assert (out.obs["spikgpt_raw_label"].astype(str) == truth).mean() > 0.65
     csv = pd.read_csv(d / "pred.csv", index_col=0)
-    assert list(csv.columns) == ["spikgpt_label", "spikgpt_raw_label", "spikgpt_confidence"]
+    assert list(csv.columns) == [
+        "spikgpt_label",
+        "spikgpt_raw_label",
+        "spikgpt_confidence",
+        "spikgpt_novelty",
+        "spikgpt_unknown_reason",
+    ]
     assert len(csv) == out.n_obs
     # existing outputs and the input itself are never overwritten without --overwrite
     r = runner.invoke(app, [*args, "-q"])
     assert r.exit_code == 2 and "exists" in r.output
     r = runner.invoke(app, [*args[:-1], str(d / "query.h5ad"), "-q"])
     assert r.exit_code == 2 and "is the input file" in r.output
+    r = runner.invoke(app, [*args[:-1], str(d / "out2.h5ad"), "--novelty", "max_prob", "-q"])
+    assert r.exit_code == 0 and ad.read_h5ad(d / "out2.h5ad").uns["spikgpt"]["novelty"] == "max_prob"
+    r = runner.invoke(app, [*args[:-1], str(d / "out3.h5ad"), "--novelty", "bogus", "-q"])
+    assert r.exit_code == 2 and "Unknown novelty score" in r.output
 
 
 def test_cli_errors_are_one_clear_line(pbmc_files, tmp_path):

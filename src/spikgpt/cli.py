@@ -35,6 +35,17 @@ def _setup(quiet: bool) -> None:
         logging.getLogger("spikgpt").addHandler(RichHandler(console=console, show_path=False))
 
 
+def _check_outputs(source: Path, *outputs: Path | None, overwrite: bool) -> None:
+    """Refuse to replace the input or an existing output unless --overwrite."""
+    for path in outputs:
+        if path is None or overwrite:
+            continue
+        if path.resolve() == source.resolve():
+            raise FileExistsError(f"{path} is the input file; pass --overwrite to replace it.")
+        if path.exists():
+            raise FileExistsError(f"{path} exists. Choose another path or pass --overwrite.")
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]Error:[/] {err}", soft_wrap=True)
     raise typer.Exit(2) from err
@@ -62,8 +73,7 @@ def train(
 
     _setup(quiet)
     try:
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists. Choose another --out or pass --overwrite.")
+        _check_outputs(reference, out, overwrite=overwrite)
         model = train_(
             reference,
             label_key,
@@ -88,6 +98,13 @@ def annotate(
     model: Annotated[Path, typer.Option(help="Model folder from `spikgpt train`.")],
     out: Annotated[Path, typer.Option(help="Annotated .h5ad to write.")],
     csv: Annotated[Path | None, typer.Option(help="Also write predictions as CSV.")] = None,
+    novelty: Annotated[
+        str | None,
+        typer.Option(
+            help="Novelty score for Unknown: combined (default), max_prob, energy, knn_latent, "
+            "knn_embedding, mahalanobis_latent, mahalanobis_embedding or firing."
+        ),
+    ] = None,
     layer: Layer = None,
     use_raw: UseRaw = False,
     gene_key: GeneKey = None,
@@ -100,19 +117,21 @@ def annotate(
 
     _setup(quiet)
     try:
-        if out.resolve() == query.resolve() and not overwrite:
-            raise FileExistsError(f"--out {out} is the input file; pass --overwrite to replace it.")
-        for path in (out, csv):
-            if path is not None and path.exists() and not overwrite:
-                raise FileExistsError(f"{path} exists. Choose another path or pass --overwrite.")
-        adata = annotate_(query, model, layer=layer, use_raw=use_raw, gene_key=gene_key)
+        _check_outputs(query, out, csv, overwrite=overwrite)
+        adata = annotate_(query, model, layer=layer, use_raw=use_raw, gene_key=gene_key, novelty=novelty)
         write_h5ad_atomic(adata, out, overwrite=overwrite)
         if csv is not None:
-            cols = ["spikgpt_label", "spikgpt_raw_label", "spikgpt_confidence"]
+            cols = [
+                "spikgpt_label",
+                "spikgpt_raw_label",
+                "spikgpt_confidence",
+                "spikgpt_novelty",
+                "spikgpt_unknown_reason",
+            ]
             tmp = csv.with_name(csv.name + ".tmp")
             adata.obs[cols].to_csv(tmp)
             tmp.replace(csv)
-    except (SpikGPTError, FileExistsError) as err:
+    except (SpikGPTError, FileExistsError, ValueError) as err:
         _fail(err)
     counts = adata.obs["spikgpt_label"].value_counts()
     table = Table("cell type", "cells")
@@ -144,10 +163,7 @@ def embed(
 
     _setup(quiet)
     try:
-        if out.resolve() == query.resolve() and not overwrite:
-            raise FileExistsError(f"--out {out} is the input file; pass --overwrite to replace it.")
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists. Choose another --out or pass --overwrite.")
+        _check_outputs(query, out, overwrite=overwrite)
         adata = embed_scgpt(
             query,
             scgpt,

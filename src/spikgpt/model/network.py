@@ -9,17 +9,18 @@ head, giving logits per time step ``[T, B, C]``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
+from spikgpt.model.config import JSONConfig
 from spikgpt.snn.attention import SpikingSelfAttention, activation, linear_bn
 
 
 @dataclass(frozen=True)
-class NetworkConfig:
+class NetworkConfig(JSONConfig):
     """Architecture of the classifier.
 
     Attributes
@@ -73,19 +74,6 @@ class NetworkConfig:
             if getattr(self, name) < 1:
                 msg = f"{name} must be >= 1, got {getattr(self, name)}."
                 raise ValueError(msg)
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> NetworkConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            msg = f"Unknown NetworkConfig keys: {sorted(unknown)}."
-            raise ValueError(msg)
-        return cls(**d)
 
 
 class Tokenizer(nn.Module):

@@ -9,20 +9,21 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
+from spikgpt.model.config import JSONConfig
 from spikgpt.model.network import NetworkConfig, SpikingTransformer
 
 logger = logging.getLogger("spikgpt")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JSONConfig):
     """Optimisation settings. The defaults need no tuning from ~100 to ~500,000 cells.
 
     Attributes
@@ -53,19 +54,6 @@ class TrainConfig:
     patience: int = 20
     val_fraction: float = 0.15
     label_smoothing: float = 0.05
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            msg = f"Unknown TrainConfig keys: {sorted(unknown)}."
-            raise ValueError(msg)
-        return cls(**d)
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ SCORES = (
     "mahalanobis_embedding",
     "firing",
 )
-DEFAULT_COMBINATION = ("max_prob", "knn_latent", "mahalanobis_embedding")
+DEFAULT_COMBINATION = ("knn_embedding", "mahalanobis_embedding")
 K_NEIGHBOURS = 10
 
 
