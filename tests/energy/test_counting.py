@@ -72,3 +72,11 @@ def test_spiking_model_uses_accumulates_after_the_input_projection():
     for name in ("blocks.0.attn.q", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"):
         assert c.macs.get(name, 0) == 0, name
     assert 0 <= c.total()["mean_firing_rate"] <= 1
+
+
+def test_q_k_v_see_the_same_input_spikes():
+    """Q, K and V read the same input spikes: their accumulate counts must be equal (no double counting)."""
+    net = SpikingTransformer(NetworkConfig(in_dim=8, n_classes=3, n_tokens=2, dim=8, depth=1, heads=2))
+    c = count_ops(net, torch.randn(30, 8) * 3)
+    assert c.acs["blocks.0.attn.q"] == c.acs["blocks.0.attn.k"] == c.acs["blocks.0.attn.v"]
+    assert c.spikes["blocks.0.attn.q_lif"] + c.spikes["blocks.0.attn.v_lif"] == c.acs["blocks.0.attn.qkv_product"] // 2

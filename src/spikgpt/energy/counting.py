@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from spikgpt.snn import LIF, SpikingSelfAttention
-from spikgpt.snn.attention import linear_bn
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
@@ -91,13 +90,16 @@ def count_ops(net: nn.Module, x: torch.Tensor, counter: OpCounter | None = None,
         counter.spikes[names[m]] += int(torch.count_nonzero(out))
         counter.neurons[names[m]] += out.numel()
 
+    spikes_of: dict[nn.Module, torch.Tensor] = {}
+
+    def keep_spikes(m, _inp, out):
+        spikes_of[m] = out
+
     def on_attention(m: SpikingSelfAttention, inp, _out):
-        # Recompute Q, K, V from the recorded spikes: cheap, and keeps the module free of counting code.
         T, B, N, D = inp[0].shape
         key = names[m] + ".qkv_product"
-        if m.spiking:
-            q = m.q_lif(linear_bn(inp[0], m.q, m.q_bn))
-            v = m.v_lif(linear_bn(inp[0], m.v, m.v_bn))
+        if m.spiking:  # Q and V spikes as emitted in this very pass (recorded by keep_spikes)
+            q, v = spikes_of.pop(m.q_lif), spikes_of.pop(m.v_lif)
             counter.acs[key] += (int(torch.count_nonzero(q)) + int(torch.count_nonzero(v))) * N
         else:
             counter.macs[key] += 2 * T * B * N * N * D
@@ -109,6 +111,8 @@ def count_ops(net: nn.Module, x: torch.Tensor, counter: OpCounter | None = None,
             hooks.append(m.register_forward_hook(on_lif))
         elif isinstance(m, SpikingSelfAttention):
             hooks.append(m.register_forward_hook(on_attention))
+            if m.spiking:
+                hooks += [m.q_lif.register_forward_hook(keep_spikes), m.v_lif.register_forward_hook(keep_spikes)]
     try:
         with torch.inference_mode():
             net.eval()
