@@ -149,8 +149,10 @@ def main() -> None:
     args = ap.parse_args()
 
     sample = ad.read_h5ad(SAMPLE)
+    # Tile the sample, shuffled with the seed, so that any --n-cells has its length distribution.
     reps = int(np.ceil(args.n_cells / sample.n_obs))
-    X = sp.csr_matrix(sp.vstack([sample.X] * reps)[: args.n_cells], dtype=np.float32)
+    order = np.random.default_rng(args.seed).permutation(sample.n_obs * reps)[: args.n_cells] % sample.n_obs
+    X = sp.csr_matrix(sample.X[order], dtype=np.float32)
     genes = sample.var_names.to_numpy().astype(str)
     n_genes = np.diff(X.indptr)
     with tempfile.TemporaryDirectory() as tmp:

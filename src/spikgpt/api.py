@@ -70,9 +70,13 @@ def _fit_pipeline(
     *,
     seed: int,
     progress: bool,
-) -> SpikGPTModel:
-    """Fit embedder and classifier on ``cells`` (no calibration)."""
-    # A passed instance is copied: fold models must not share fitted state.
+) -> tuple[SpikGPTModel, np.ndarray, np.ndarray]:
+    """Fit embedder and classifier on ``cells`` (no calibration).
+
+    Returns the model and the embedding and labels of the cells it was fitted on (those the
+    embedder could embed), so the reference need not be embedded twice.
+    """
+    # A passed instance is copied: the caller's object is not fitted in place.
     embedder = copy.deepcopy(make_embedder(embedder_spec))
     embedder.fit(cells, seed=seed)
     E = embedder.transform(cells)
@@ -87,7 +91,7 @@ def _fit_pipeline(
     Z = ((E - mean) / std).astype(np.float32)
     net_cfg = replace(net_cfg, in_dim=E.shape[1])
     net, history = fit_network(Z, y, net_cfg, cfg, seed=seed, progress=progress)
-    return SpikGPTModel(
+    model = SpikGPTModel(
         embedder=embedder,
         network=net,
         classes=[],
@@ -98,6 +102,7 @@ def _fit_pipeline(
         train_config=cfg,
         summary={"history": {k: v for k, v in history.items() if not isinstance(v, list)}},
     )
+    return model, E, y
 
 
 def _embedded_outputs(model: SpikGPTModel, cells: Cells) -> tuple[CellOutputs, np.ndarray]:
@@ -188,12 +193,13 @@ def train(
         n_cal = max(int(round(calibration_fraction * len(y))), len(classes))
         fit_idx, cal_idx = train_test_split(fit_idx, test_size=n_cal, stratify=y, random_state=seed)
         fit_idx, cal_idx = np.sort(fit_idx), np.sort(cal_idx)
-    model = _fit_pipeline(cells.subset(fit_idx), y[fit_idx], embedder, net_cfg, cfg, seed=seed, progress=progress)
+    model, E_fit, y_fit = _fit_pipeline(
+        cells.subset(fit_idx), y[fit_idx], embedder, net_cfg, cfg, seed=seed, progress=progress
+    )
     model.classes = classes
     calibration = {"n_cells": int(len(cal_idx))}
     if len(cal_idx):
-        fit_out = _embedded_outputs(model, cells.subset(fit_idx))
-        model.novelty = NoveltyScorer().fit(fit_out[0], y[fit_idx][fit_out[1]], seed=seed)
+        model.novelty = NoveltyScorer().fit(model.outputs(E_fit), y_fit, seed=seed)
         cal_out, cal_ok = _embedded_outputs(model, cells.subset(cal_idx))
         model.novelty.calibrate(cal_out)
         model.novelty_method = novelty
