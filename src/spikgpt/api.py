@@ -20,7 +20,7 @@ from spikgpt.errors import InputError
 from spikgpt.model.annotator import SpikGPTModel
 from spikgpt.model.network import NetworkConfig
 from spikgpt.model.training import TrainConfig, fit_network
-from spikgpt.openset import UNKNOWN
+from spikgpt.openset import UNKNOWN, reject
 from spikgpt.openset.novelty import CellOutputs, NoveltyScorer
 
 logger = logging.getLogger("spikgpt")
@@ -283,14 +283,13 @@ def annotate(
     adata = read(adata)
     if copy and not from_path:
         adata = adata.copy()
-    if not isinstance(model, SpikGPTModel):
-        model = SpikGPTModel.load(model)
+    model = SpikGPTModel.coerce(model)
     method = novelty or model.novelty_method
     thr = model.unknown_threshold(method) if threshold is None else float(threshold)
     t0 = time.perf_counter()
     pred = model.predict(Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key), novelty=method)
-    is_unknown = ~(pred.novelty <= thr)
-    labels = np.where(is_unknown, UNKNOWN, pred.raw_label)
+    labels = reject(pred.raw_label, pred.novelty, thr)
+    is_unknown = labels == UNKNOWN
     categories = [*model.classes, UNKNOWN]
     adata.obs[f"{key_added}_label"] = pd.Categorical(labels, categories=categories)
     adata.obs[f"{key_added}_raw_label"] = pd.Categorical(pred.raw_label, categories=model.classes)

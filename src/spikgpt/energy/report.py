@@ -49,8 +49,7 @@ def energy_report(
     measured CPU wall-time per cell of both networks, which is *not* what the estimate predicts.
     """
     adata = read(adata)
-    if not isinstance(model, SpikGPTModel):
-        model = SpikGPTModel.load(model)
+    model = SpikGPTModel.coerce(model)
     E = model.embedder.transform(Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key))
     Z = torch.as_tensor(model.standardise(E[np.isfinite(E).all(axis=1)]))
     snn = model.network

@@ -102,8 +102,7 @@ def explain(
     The dict written to ``uns[key_added]``.
     """
     adata = read(adata)
-    if not isinstance(model, SpikGPTModel):
-        model = SpikGPTModel.load(model)
+    model = SpikGPTModel.coerce(model)
     c = Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
     att = gene_attributions(model, c)
     E = model.embedder.transform(c)

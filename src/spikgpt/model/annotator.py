@@ -197,6 +197,11 @@ class SpikGPTModel:
         return path
 
     @classmethod
+    def coerce(cls, model: SpikGPTModel | str | os.PathLike) -> SpikGPTModel:
+        """``model`` itself, or the model loaded from the folder it names."""
+        return model if isinstance(model, cls) else cls.load(model)
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> SpikGPTModel:
         """Load a model folder written by :meth:`save`.
 

@@ -118,8 +118,7 @@ class NoveltyScorer:
 
         cal = {n: self.state[f"cal_{n}"] for n in SCORES}
         novelty, _ = self.combine(cal, method, components)
-        # calibrate_threshold works on confidences (low = reject): negate.
-        return -calibrate_threshold(-novelty, target_frr)
+        return calibrate_threshold(novelty, target_frr)
 
     # ------------------------------------------------------------------ scoring
     def _knn(self, space: str, X: np.ndarray) -> np.ndarray:
