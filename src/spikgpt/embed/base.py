@@ -20,8 +20,6 @@ class Embedder(ABC):
     """Turns cells into a dense ``[n_cells, dim]`` float32 embedding."""
 
     kind: ClassVar[str]
-    #: Whether the embedding is a differentiable function of the genes (for attributions).
-    linear_in_genes: ClassVar[bool] = False
 
     @abstractmethod
     def fit(self, cells: Cells, *, seed: int = 0) -> Embedder:

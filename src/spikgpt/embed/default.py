@@ -43,7 +43,6 @@ class DefaultEmbedder(Embedder):
     """
 
     kind = "default"
-    linear_in_genes = True
 
     def __init__(
         self,

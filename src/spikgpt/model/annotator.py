@@ -25,7 +25,6 @@ from spikgpt.embed import Embedder, embedder_from_config
 from spikgpt.errors import ModelFormatError
 from spikgpt.model.network import NetworkConfig, SpikingTransformer
 from spikgpt.model.training import TrainConfig
-from spikgpt.openset import confidence_from_logits
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer
 from spikgpt.snn import LIF
 
@@ -122,7 +121,8 @@ class SpikGPTModel:
         E = self.embedder.transform(cells)
         embedded = np.isfinite(E).all(axis=1)
         out = self.outputs(E)
-        probs, conf = confidence_from_logits(out.logits)
+        probs = out.probs
+        conf = probs.max(axis=1)
         conf = np.where(embedded, conf, 0.0)
         raw = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
         if self.novelty is not None:

@@ -32,6 +32,8 @@ import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.neighbors import NearestNeighbors
 
+from spikgpt.openset.scores import confidence_from_logits
+
 SCORES = (
     "max_prob",
     "energy",
@@ -56,7 +58,7 @@ class CellOutputs:
 
     @property
     def probs(self) -> np.ndarray:  # noqa: D102
-        return torch.softmax(self.logits.mean(0), dim=-1).numpy()
+        return confidence_from_logits(self.logits)[0]
 
 
 class NoveltyScorer:
