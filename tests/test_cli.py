@@ -48,8 +48,12 @@ def test_train_annotate_round_trip_on_real_data(pbmc_files):
     assert r.exit_code == 2 and "exists" in r.output
     r = runner.invoke(app, [*args[:-1], str(d / "query.h5ad"), "-q"])
     assert r.exit_code == 2 and "is the input file" in r.output
-    r = runner.invoke(app, [*args[:-1], str(d / "out2.h5ad"), "--novelty", "max_prob", "-q"])
-    assert r.exit_code == 0 and ad.read_h5ad(d / "out2.h5ad").uns["spikgpt"]["novelty"] == "max_prob"
+    r = runner.invoke(
+        app, [*args[:-1], str(d / "out2.h5ad"), "--novelty", "max_prob", "--novelty-neighbours", "1", "-q"]
+    )
+    assert r.exit_code == 0
+    uns = ad.read_h5ad(d / "out2.h5ad").uns["spikgpt"]
+    assert uns["novelty"] == "max_prob" and uns["novelty_neighbours"] == 1
     r = runner.invoke(app, [*args[:-1], str(d / "out3.h5ad"), "--novelty", "bogus", "-q"])
     assert r.exit_code == 2 and "Unknown novelty score" in r.output
 

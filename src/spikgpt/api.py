@@ -236,6 +236,7 @@ def annotate(
     use_raw: bool = False,
     gene_key: str | None = None,
     novelty: str | None = None,
+    novelty_neighbours: int | None = None,
     threshold: float | None = None,
     key_added: str = "spikgpt",
     copy: bool = False,
@@ -249,8 +250,9 @@ def annotate(
       changes it);
     - ``obs["spikgpt_confidence"]``: softmax maximum of the time-averaged logits (0 for
       cells the embedder could not embed);
-    - ``obs["spikgpt_novelty"]``: novelty in [0, 1], the share of held-out reference cells
-      that look more familiar (1 for cells that could not be embedded);
+    - ``obs["spikgpt_novelty"]``: novelty in [0, 1]: the share of held-out reference cells
+      that look more familiar, averaged over the cell's ``novelty_neighbours`` nearest query
+      cells (1 for cells that could not be embedded);
     - ``obs["spikgpt_unknown_reason"]``: the novelty score that made a cell ``Unknown``
       (``not_embedded`` for cells that could not be embedded), empty otherwise;
     - ``obsm["X_spikgpt_embedding"]``: the cell embedding the classifier consumed;
@@ -268,6 +270,10 @@ def annotate(
         Novelty score deciding ``Unknown``: ``"combined"`` or one of
         :data:`spikgpt.openset.novelty.SCORES`; the model's default when ``None``. Its threshold
         is calibrated on the model's held-out reference cells.
+    novelty_neighbours
+        Number of nearest query cells (the cell included) whose novelty percentiles are averaged
+        (see :mod:`spikgpt.openset.novelty`); 1 scores each cell on its own, which makes a cell's
+        result independent of the rest of the query. The model's default (15) when ``None``.
     threshold
         Override the calibrated novelty threshold.
     key_added
@@ -287,7 +293,8 @@ def annotate(
     method = novelty or model.novelty_method
     thr = model.unknown_threshold(method) if threshold is None else float(threshold)
     t0 = time.perf_counter()
-    pred = model.predict(Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key), novelty=method)
+    k = model.novelty_neighbours if novelty_neighbours is None else int(novelty_neighbours)
+    pred = model.predict(Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key), novelty=method, neighbours=k)
     labels = reject(pred.raw_label, pred.novelty, thr)
     is_unknown = labels == UNKNOWN
     categories = [*model.classes, UNKNOWN]
@@ -302,6 +309,7 @@ def annotate(
         "embedder": model.embedder.spec,
         "novelty": method,
         "novelty_components": list(model.novelty_components) if method == "combined" else [method],
+        "novelty_neighbours": k,
         "threshold": thr,
         "target_frr": model.target_frr,
         "classes": list(model.classes),
@@ -311,6 +319,14 @@ def annotate(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     logger.info("Annotated %d cells; %d Unknown.", adata.n_obs, adata.uns[key_added]["n_unknown"])
+    if adata.n_obs >= 50 and is_unknown.mean() > 0.5:
+        logger.warning(
+            "%.0f%% of the cells are Unknown. Either most of the query is of types absent from the "
+            "reference, or it differs from the reference by a strong batch/protocol effect; compare "
+            "obs['%s_raw_label'], and consider integrating the datasets first or novelty='max_prob'.",
+            100 * is_unknown.mean(),
+            key_added,
+        )
     return adata if (copy or from_path) else None
 
 

@@ -102,7 +102,14 @@ def annotate(
         str | None,
         typer.Option(
             help="Novelty score for Unknown: combined (default), max_prob, energy, knn_latent, "
-            "knn_embedding, mahalanobis_latent, mahalanobis_embedding or firing."
+            "knn_embedding, mahalanobis_latent, mahalanobis_embedding, gaussian_embedding or firing."
+        ),
+    ] = None,
+    novelty_neighbours: Annotated[
+        int | None,
+        typer.Option(
+            help="Average novelty over this many nearest query cells (default 15); 1 = each cell on its own.",
+            min=1,
         ),
     ] = None,
     layer: Layer = None,
@@ -118,7 +125,15 @@ def annotate(
     _setup(quiet)
     try:
         _check_outputs(query, out, csv, overwrite=overwrite)
-        adata = annotate_(query, model, layer=layer, use_raw=use_raw, gene_key=gene_key, novelty=novelty)
+        adata = annotate_(
+            query,
+            model,
+            layer=layer,
+            use_raw=use_raw,
+            gene_key=gene_key,
+            novelty=novelty,
+            novelty_neighbours=novelty_neighbours,
+        )
         write_h5ad_atomic(adata, out, overwrite=overwrite)
         if csv is not None:
             cols = [
@@ -208,7 +223,7 @@ def demo(
     o = r.open_set
     Console().print(
         f"Held-out type {r.held_out!r}: {o['unseen_called_unknown']:.0%} of its {o['n_unseen']} cells "
-        f"called Unknown (AUROC {o['unseen_auroc']:.3f}); false Unknown on known types: "
+        f"called Unknown (novelty AUROC {o['unseen_auroc']:.3f}); false Unknown on known types: "
         f"{o['false_unknown_known']:.1%}.\n"
         f"Training {r.train_seconds:.1f} s, annotation "
         f"{r.annotate_seconds:.2f} s.\nFiles: " + ", ".join(f"{k}: {v}" for k, v in r.files.items())

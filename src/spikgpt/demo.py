@@ -84,7 +84,7 @@ def run_demo(out: str | Path, *, held_out: str = "CD34+", seed: int = 0, progres
         spikgpt=closed_set(y, query.obs["spikgpt_raw_label"], known),
         spikgpt_after_rejection=closed_set(y, query.obs["spikgpt_label"], known),
         logistic_regression=closed_set(y, lr.predict(E_query), known),
-        open_set=open_set(y, query.obs["spikgpt_label"], query.obs["spikgpt_confidence"], known),
+        open_set=open_set(y, query.obs["spikgpt_label"], query.obs["spikgpt_novelty"], known),
         held_out=held_out,
         train_seconds=model.summary["train_seconds"],
         annotate_seconds=query.uns["spikgpt"]["seconds"],

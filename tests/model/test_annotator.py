@@ -46,6 +46,10 @@ def test_model_folder_errors(trained, tmp_path):
     with pytest.raises(ModelFormatError, match="format 99.*Upgrade spikgpt"):
         SpikGPTModel.load(path)
 
+    (path / "config.json").write_text(json.dumps({**cfg, "format_version": 1}))
+    with pytest.raises(ModelFormatError, match="format 1.*Re-train"):
+        SpikGPTModel.load(path)
+
     (path / "config.json").write_text(json.dumps({"model_type": "celltypist"}))
     with pytest.raises(ModelFormatError, match="foreign"):
         SpikGPTModel.load(path)

@@ -12,14 +12,18 @@ from sklearn.model_selection import train_test_split
 from spikgpt.api import annotate, train
 from spikgpt.data import Cells
 from spikgpt.model.annotator import SpikGPTModel
-from spikgpt.openset import UNKNOWN
 from spikgpt.openset.novelty import SCORES
 
 logger = logging.getLogger("spikgpt")
 
 
 def score_aurocs(model: SpikGPTModel, query: ad.AnnData, label_key: str, **input_kw) -> dict[str, float]:
-    """AUROC of every novelty score (and ``combined``) for unseen-type vs known-type query cells."""
+    """AUROC of every novelty score for unseen-type vs known-type query cells.
+
+    Every score in :data:`SCORES` and ``combined_cell`` (the default combination) are scored
+    cell by cell; ``combined`` is the novelty as :func:`spikgpt.annotate` computes it, with the
+    percentiles averaged over each cell's nearest query cells.
+    """
     truth = query.obs[label_key].astype(str).to_numpy()
     unseen = ~np.isin(truth, model.classes)
     if unseen.all() or not unseen.any():
@@ -28,20 +32,20 @@ def score_aurocs(model: SpikGPTModel, query: ad.AnnData, label_key: str, **input
     raw = model.novelty.raw_scores(pred.outputs)
     out = {name: float(roc_auc_score(unseen, raw[name])) for name in SCORES}
     nov, _ = model.novelty.combine(raw, "combined", model.novelty_components)
-    out["combined"] = float(roc_auc_score(unseen, nov))
+    out["combined_cell"] = float(roc_auc_score(unseen, nov))
+    out["combined"] = float(roc_auc_score(unseen, pred.novelty))
     return out
 
 
 def rejection_rates(annotated: ad.AnnData, label_key: str, classes: list[str], key: str = "spikgpt") -> dict:
     """Share of unseen-type cells called Unknown, false Unknown on known types, known macro-F1 before/after."""
-    from spikgpt.bench.metrics import closed_set
+    from spikgpt.bench.metrics import closed_set, open_set
 
     truth = annotated.obs[label_key].astype(str).to_numpy()
-    unknown = annotated.obs[f"{key}_label"].astype(str).to_numpy() == UNKNOWN
-    unseen = ~np.isin(truth, classes)
+    rates = open_set(truth, annotated.obs[f"{key}_label"], annotated.obs[f"{key}_novelty"], classes)
     return {
-        "unseen_called_unknown": float(unknown[unseen].mean()) if unseen.any() else float("nan"),
-        "false_unknown_known": float(unknown[~unseen].mean()),
+        "unseen_called_unknown": rates["unseen_called_unknown"],
+        "false_unknown_known": rates["false_unknown_known"],
         "macro_f1_before": closed_set(truth, annotated.obs[f"{key}_raw_label"], classes)["macro_f1"],
         "macro_f1_after": closed_set(truth, annotated.obs[f"{key}_label"], classes)["macro_f1"],
     }

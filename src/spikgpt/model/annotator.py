@@ -25,11 +25,17 @@ from spikgpt.embed import Embedder, embedder_from_config
 from spikgpt.errors import ModelFormatError
 from spikgpt.model.network import NetworkConfig, SpikingTransformer
 from spikgpt.model.training import TrainConfig
-from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer
+from spikgpt.openset.novelty import (
+    DEFAULT_COMBINATION,
+    DEFAULT_QUERY_NEIGHBOURS,
+    CellOutputs,
+    NoveltyScorer,
+    query_neighbours,
+)
 from spikgpt.snn import LIF
 
 FORMAT = "spikgpt-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: class Gaussians and query-neighbourhood novelty
 CONFIG_FILE, WEIGHTS_FILE, EMBEDDER_FILE = "config.json", "weights.safetensors", "embedder.safetensors"
 NOVELTY_FILE = "novelty.safetensors"
 
@@ -64,6 +70,7 @@ class SpikGPTModel:
     novelty: NoveltyScorer | None = None
     novelty_method: str = "combined"
     novelty_components: tuple[str, ...] = DEFAULT_COMBINATION
+    novelty_neighbours: int = DEFAULT_QUERY_NEIGHBOURS
 
     def __repr__(self) -> str:
         cfg = self.network.cfg
@@ -116,7 +123,7 @@ class SpikGPTModel:
             return self.threshold
         return self.novelty.threshold(method, self.novelty_components, self.target_frr)
 
-    def predict(self, cells: Cells, *, novelty: str | None = None) -> Prediction:
+    def predict(self, cells: Cells, *, novelty: str | None = None, neighbours: int | None = None) -> Prediction:
         """Embed and classify ``cells`` and score their novelty (see :func:`spikgpt.annotate`)."""
         E = self.embedder.transform(cells)
         embedded = np.isfinite(E).all(axis=1)
@@ -126,8 +133,14 @@ class SpikGPTModel:
         conf = np.where(embedded, conf, 0.0)
         raw = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
         if self.novelty is not None:
-            nov, reason = self.novelty.combine(
-                self.novelty.raw_scores(out), novelty or self.novelty_method, self.novelty_components
+            k = self.novelty_neighbours if neighbours is None else neighbours
+            graph = query_neighbours(out.embedding[embedded], k)
+            nov, reason = np.ones(len(conf)), np.full(len(conf), "not_embedded", dtype=object)
+            nov[embedded], reason[embedded] = self.novelty.combine(
+                self.novelty.raw_scores(out.subset(embedded)),
+                novelty or self.novelty_method,
+                self.novelty_components,
+                graph,
             )
         else:  # uncalibrated model: max-probability only
             nov, reason = 1 - conf, np.full(len(conf), "max_prob", dtype=object)
@@ -151,6 +164,7 @@ class SpikGPTModel:
                 "calibrated": self.novelty is not None,
                 "max_reference_cells": self.novelty.max_reference_cells if self.novelty else None,
                 "k": self.novelty.k if self.novelty else None,
+                "neighbours": self.novelty_neighbours,
             },
             "embedder": self.embedder.config(),
             "network": self.network.cfg.to_dict(),
@@ -233,6 +247,13 @@ class SpikGPTModel:
                 f"this spikgpt {__version__} reads up to {FORMAT_VERSION}. Upgrade spikgpt."
             )
             raise ModelFormatError(msg)
+        if cfg.get("format_version", 0) < FORMAT_VERSION:
+            msg = (
+                f"{path} has model format {cfg.get('format_version')} (spikgpt {cfg.get('spikgpt_version')}), "
+                f"whose novelty statistics this spikgpt {__version__} no longer reads. "
+                "Re-train it with `spikgpt train`."
+            )
+            raise ModelFormatError(msg)
         try:
             state = load_torch(path / WEIGHTS_FILE)
             arrays = load_numpy(path / EMBEDDER_FILE)
@@ -259,6 +280,7 @@ class SpikGPTModel:
                 novelty=scorer,
                 novelty_method=nov_cfg["method"],
                 novelty_components=tuple(nov_cfg["components"]),
+                novelty_neighbours=int(nov_cfg["neighbours"]),
             )
         except ModelFormatError:
             raise

@@ -14,13 +14,28 @@ Every score is "higher = more novel" and is computed from the trained model only
     cells for a 500,000-cell reference).
 ``mahalanobis_latent`` / ``mahalanobis_embedding``
     Smallest class-conditional Mahalanobis distance with a shared (shrunk) covariance.
+``gaussian_embedding``
+    Negative log-likelihood of the cell under the best-fitting class Gaussian of the
+    standardised embedding, each class with its own Ledoit-Wolf-shrunk covariance (a tight class
+    and a diffuse one are judged by their own spread).
 ``firing``
     Distance of the cell's per-layer firing-rate profile from the mean profile of its predicted
     class, in units of that class's spread.
 
-``combined`` turns each chosen score into its percentile among held-out calibration cells and
-takes the maximum: a cell is Unknown when *some* signal is more extreme than for all but
-``target_frr`` of new cells of known types; ``obs["spikgpt_unknown_reason"]`` names it.
+``combined`` turns each chosen score into its percentile among held-out calibration cells,
+averages each percentile over the cell's ``neighbours`` nearest query cells (itself included) and
+takes the maximum: a cell is Unknown when *some* signal is more extreme, around it, than for all
+but ``target_frr`` of single new cells of known types; ``obs["spikgpt_unknown_reason"]`` names it.
+
+Why the neighbourhood average (what CellTypist's majority voting does for labels): an unseen type
+is a *group* of query cells that are all unusual, whereas a known cell's percentile is noise
+around the middle. Averaging over the query's own k-nearest-neighbour graph lifts the AUROC and,
+because a batch shift moves scores less than a new type does, it cuts false rejection across
+studies (measured in the README: pancreas cross-study 13 % → 3 % false Unknown). The threshold is
+still the ``1 - target_frr`` quantile of *single* held-out reference cells, so on new cells of
+known types the rejection rate is at most about ``target_frr`` and, within a dataset, well below
+it. A cell's novelty therefore depends on the other query cells; ``neighbours=1`` scores every
+cell on its own.
 """
 
 from __future__ import annotations
@@ -41,10 +56,13 @@ SCORES = (
     "knn_embedding",
     "mahalanobis_latent",
     "mahalanobis_embedding",
+    "gaussian_embedding",
     "firing",
 )
-DEFAULT_COMBINATION = ("knn_embedding", "mahalanobis_embedding")
+DEFAULT_COMBINATION = ("knn_embedding", "gaussian_embedding", "max_prob")
 K_NEIGHBOURS = 10
+DEFAULT_QUERY_NEIGHBOURS = 15
+MAX_ANCHORS = 20_000
 
 
 @dataclass
@@ -59,6 +77,11 @@ class CellOutputs:
     @property
     def probs(self) -> np.ndarray:  # noqa: D102
         return confidence_from_logits(self.logits)[0]
+
+    def subset(self, mask: np.ndarray) -> CellOutputs:
+        """The outputs of the cells selected by a boolean ``mask``."""
+        idx = torch.as_tensor(np.flatnonzero(mask))
+        return CellOutputs(self.logits[:, idx], self.latent[mask], self.embedding[mask], self.firing[mask])
 
 
 class NoveltyScorer:
@@ -96,13 +119,18 @@ class NoveltyScorer:
         s = self.state
         s["ref_latent"] = out.latent[keep].astype(np.float32)
         s["ref_embedding"] = out.embedding[keep].astype(np.float32)
+        n_cls = y.max() + 1
         for space in ("latent", "embedding"):
             X = getattr(out, space)
-            means = np.stack([X[y == c].mean(0) for c in range(y.max() + 1)])
+            means = np.stack([X[y == c].mean(0) for c in range(n_cls)])
             centred = X - means[y]
             s[f"means_{space}"] = means.astype(np.float32)
             s[f"precision_{space}"] = LedoitWolf().fit(centred).precision_.astype(np.float32)
-        n_cls = y.max() + 1
+        per_class = [LedoitWolf().fit(out.embedding[y == c]) for c in range(n_cls)]
+        s["class_precision_embedding"] = np.stack([lw.precision_ for lw in per_class]).astype(np.float32)
+        s["class_logdet_embedding"] = np.array(
+            [np.linalg.slogdet(lw.covariance_)[1] for lw in per_class], dtype=np.float32
+        )
         s["firing_mean"] = np.stack([out.firing[y == c].mean(0) for c in range(n_cls)]).astype(np.float32)
         s["firing_std"] = np.stack([out.firing[y == c].std(0) + 0.02 for c in range(n_cls)]).astype(np.float32)
         self._nn = {}
@@ -130,10 +158,24 @@ class NoveltyScorer:
         dist, _ = self._nn[space].kneighbors(X)
         return dist.mean(axis=1)
 
+    @staticmethod
+    def _squared_distances(X: np.ndarray, means: np.ndarray, precisions: np.ndarray) -> np.ndarray:
+        """``[n, C]`` squared Mahalanobis distances to every class mean (one precision per class)."""
+        out = np.empty((len(X), len(means)), dtype=np.float64)
+        for c, (mu, prec) in enumerate(zip(means, precisions, strict=True)):
+            # prec = L Lᵀ, so (x − μ)ᵀ prec (x − μ) = ‖(x − μ) L‖²: one matrix product per class
+            L = np.linalg.cholesky(prec.astype(np.float64))
+            out[:, c] = (((X - mu) @ L) ** 2).sum(axis=1)
+        return out
+
     def _mahalanobis(self, space: str, X: np.ndarray) -> np.ndarray:
         means, prec = self.state[f"means_{space}"], self.state[f"precision_{space}"]
-        d = X[:, None, :] - means[None]  # [n, C, D]
-        return np.sqrt(np.einsum("ncd,de,nce->nc", d, prec, d).min(axis=1).clip(min=0))
+        d2 = self._squared_distances(X, means, np.broadcast_to(prec, (len(means), *prec.shape)))
+        return np.sqrt(d2.min(axis=1).clip(min=0))
+
+    def _gaussian(self, X: np.ndarray) -> np.ndarray:
+        d2 = self._squared_distances(X, self.state["means_embedding"], self.state["class_precision_embedding"])
+        return 0.5 * (d2 + self.state["class_logdet_embedding"][None, :]).min(axis=1)
 
     def raw_scores(self, out: CellOutputs) -> dict[str, np.ndarray]:
         """Every score for every cell (higher = more novel)."""
@@ -148,6 +190,7 @@ class NoveltyScorer:
             "knn_embedding": self._knn("embedding", out.embedding),
             "mahalanobis_latent": self._mahalanobis("latent", out.latent),
             "mahalanobis_embedding": self._mahalanobis("embedding", out.embedding),
+            "gaussian_embedding": self._gaussian(out.embedding),
             "firing": np.sqrt((z**2).mean(axis=1)),
         }
 
@@ -159,7 +202,11 @@ class NoveltyScorer:
         return np.searchsorted(cal, values, side="left") / len(cal)
 
     def combine(
-        self, raw: dict[str, np.ndarray], method: str, components: tuple[str, ...]
+        self,
+        raw: dict[str, np.ndarray],
+        method: str,
+        components: tuple[str, ...],
+        neighbours: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Novelty in [0, 1] from raw scores, and per cell the score responsible.
 
@@ -171,6 +218,9 @@ class NoveltyScorer:
             A name from :data:`SCORES` (its percentile) or ``"combined"``.
         components
             The scores ``combined`` takes the maximum percentile of.
+        neighbours
+            ``[n, k]`` indices of every cell's nearest query cells (:func:`query_neighbours`):
+            each percentile is averaged over them before the maximum. ``None``: cell by cell.
         """
         names = components if method == "combined" else (method,)
         unknown = [n for n in names if n not in SCORES]
@@ -178,6 +228,8 @@ class NoveltyScorer:
             msg = f"Unknown novelty score(s) {unknown}; choose from {('combined', *SCORES)}."
             raise ValueError(msg)
         P = np.stack([self.percentile(n, raw[n]) for n in names], axis=1)
+        if neighbours is not None:
+            P = P[neighbours].mean(axis=1)
         best = P.argmax(axis=1)
         return P[np.arange(len(P)), best], np.asarray(names, dtype=object)[best]
 
@@ -190,3 +242,33 @@ class NoveltyScorer:
         scorer = cls(max_reference_cells, k)
         scorer.state = dict(arrays)
         return scorer
+
+
+def query_neighbours(embedding: np.ndarray, k: int = DEFAULT_QUERY_NEIGHBOURS, *, seed: int = 0) -> np.ndarray | None:
+    """Indices of every cell's ``k`` nearest query cells in the standardised embedding.
+
+    Neighbours are searched among all cells (each cell is then its own first neighbour) or, for
+    queries of more than :data:`MAX_ANCHORS` cells, among a seeded random sample of that many, so
+    the cost stays linear in the number of cells.
+
+    Parameters
+    ----------
+    embedding
+        ``[n, d]`` standardised embedding of the query cells.
+    k
+        Neighbourhood size; ``k <= 1`` (or a single cell) means no neighbourhood (``None``).
+    seed
+        Seed of the anchor sample.
+
+    Returns
+    -------
+    ``[n, min(k, n_anchors)]`` row indices into ``embedding``, or ``None``.
+    """
+    n = len(embedding)
+    if k <= 1 or n <= 1:
+        return None
+    anchors = np.arange(n)
+    if n > MAX_ANCHORS:
+        anchors = np.sort(np.random.default_rng(seed).choice(n, MAX_ANCHORS, replace=False))
+    nn = NearestNeighbors(n_neighbors=min(k, len(anchors))).fit(embedding[anchors])
+    return anchors[nn.kneighbors(embedding, return_distance=False)]

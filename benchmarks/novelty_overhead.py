@@ -1,0 +1,89 @@
+"""How much novelty scoring adds to annotation time.
+
+Trains the default model on the IFN-β control PBMCs (shared/data/pbmc_ifnb), then annotates the
+stimulated cells tiled to each ``--n-cells`` and times, in one process, the two parts of
+:meth:`spikgpt.SpikGPTModel.predict`:
+
+- classification: embedding + spiking transformer + probabilities (what annotation costs
+  without Unknown);
+- novelty: every score against the stored reference statistics, the query's own
+  nearest-neighbour graph and the neighbourhood-averaged combination.
+
+The issue's target is novelty ≤ 20 % of the classification time. Best of ``--repeats`` runs.
+
+    python benchmarks/novelty_overhead.py --n-cells 2000 20000 100000 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+import spikgpt
+from spikgpt.data import Cells
+from spikgpt.openset.novelty import query_neighbours
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc_ifnb" / "pbmc_ifnb_kang.h5ad"
+
+
+def time_parts(model: spikgpt.SpikGPTModel, cells: Cells, repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` seconds of classification and of novelty scoring."""
+    best = {"classify_s": np.inf, "novelty_s": np.inf}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.outputs(model.embedder.transform(cells))
+        out.probs.argmax(axis=1)
+        t1 = time.perf_counter()
+        raw = model.novelty.raw_scores(out)
+        graph = query_neighbours(out.embedding, model.novelty_neighbours)
+        model.novelty.combine(raw, model.novelty_method, model.novelty_components, graph)
+        t2 = time.perf_counter()
+        best = {"classify_s": min(best["classify_s"], t1 - t0), "novelty_s": min(best["novelty_s"], t2 - t1)}
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-cells", type=int, nargs="+", default=[2000, 20000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+
+    adata = ad.read_h5ad(DATA)
+    ref = adata[adata.obs["condition"] == "control"].copy()
+    query = adata[adata.obs["condition"] == "stimulated"].copy()
+    t0 = time.perf_counter()
+    model = spikgpt.train(ref, "cell_type", progress=False)
+    train_s = time.perf_counter() - t0
+    rows = []
+    for n in args.n_cells:
+        tiled = ad.concat([query] * int(np.ceil(n / query.n_obs)))[:n].copy()
+        parts = time_parts(model, Cells(tiled), args.repeats)
+        rows.append({"n_cells": n, **parts, "overhead": parts["novelty_s"] / parts["classify_s"]})
+        print(
+            f"{n:>8,} cells: classify {parts['classify_s']:.3f} s, novelty {parts['novelty_s']:.3f} s "
+            f"(+{100 * rows[-1]['overhead']:.0f}%)",
+            flush=True,
+        )
+    result = {
+        "reference_cells": ref.n_obs,
+        "train_seconds": round(train_s, 1),
+        "novelty": {"components": list(model.novelty_components), "neighbours": model.novelty_neighbours},
+        "rows": rows,
+        "hardware": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "novelty_overhead.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
