@@ -60,7 +60,7 @@ def train(
     layer: Layer = None,
     use_raw: UseRaw = False,
     gene_key: GeneKey = None,
-    target_frr: Annotated[float, typer.Option(help="Share of known-type cells allowed to become Unknown.")] = 0.05,
+    target_frr: Annotated[float, typer.Option(help="Share of held-out known cells above the threshold.")] = 0.05,
     calibration_fraction: Annotated[
         float, typer.Option(help="Share of reference cells held out to calibrate Unknown (0: none).")
     ] = 0.2,

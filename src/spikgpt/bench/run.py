@@ -93,9 +93,12 @@ def run_task(task: Task, seeds: list[int], *, data_root: Path, celltypist: bool,
             m = closed_set(truth, r.raw_label, classes)
             known = np.isin(truth, classes)
             per_class = f1_score(truth[known], r.raw_label[known], labels=classes, average=None, zero_division=0)
+            rejected = metrics.open_set(truth, r.label, np.zeros(len(truth)), classes)
             per_method.setdefault(name, []).append(
                 {
                     **m,
+                    "macro_f1_after_rejection": closed_set(truth, r.label, classes)["macro_f1"],
+                    "false_unknown": rejected["false_unknown_known"],
                     "per_class_f1": dict(zip(classes, map(float, per_class), strict=True)),
                     "train_seconds": r.train_seconds,
                     "predict_cells_per_s": len(truth) / max(r.predict_seconds, 1e-9),
@@ -157,6 +160,28 @@ def markdown(results: dict) -> str:
         train_s = np.mean([r["train_seconds"] for r in runs])
         speed = np.mean([r["predict_cells_per_s"] for r in runs])
         lines.append(f"| {m} | {train_s:.2f} | {speed:,.0f} |")
+    rejecting = [m for m in ("spikgpt", "celltypist") if m in methods]
+    lines += [
+        "",
+        "## Unknown at the default threshold: false Unknown on known types; known-type macro-F1 before → after",
+        "",
+        "spikgpt: calibrated novelty at 5 % target false rejection; CellTypist: `prob match` at p < 0.5 "
+        "(Unassigned counted as Unknown).",
+        "",
+        "| task | " + " | ".join(rejecting) + " |",
+        "|---" * (len(rejecting) + 1) + "|",
+    ]
+    for name, t in tasks.items():
+        cells = []
+        for m in rejecting:
+            runs = t["methods"].get(m)
+            cells.append(
+                "–"
+                if not runs or "false_unknown" not in runs[0]
+                else f"{_ms([r['false_unknown'] for r in runs])}; {np.mean([r['macro_f1'] for r in runs]):.3f} → "
+                f"{np.mean([r['macro_f1_after_rejection'] for r in runs]):.3f}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     open_tasks = {n: t["open_set"] for n, t in tasks.items() if t["open_set"]}
     if open_tasks:
         names = NOVELTY_COLUMNS

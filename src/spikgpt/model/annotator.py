@@ -133,15 +133,14 @@ class SpikGPTModel:
         conf = np.where(embedded, conf, 0.0)
         raw = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
         if self.novelty is not None:
+            method = novelty or self.novelty_method
             k = self.novelty_neighbours if neighbours is None else neighbours
             graph = query_neighbours(out.embedding[embedded], k)
-            nov, reason = np.ones(len(conf)), np.full(len(conf), "not_embedded", dtype=object)
-            nov[embedded], reason[embedded] = self.novelty.combine(
-                self.novelty.raw_scores(out.subset(embedded)),
-                novelty or self.novelty_method,
-                self.novelty_components,
-                graph,
+            raw_scores = self.novelty.raw_scores(
+                out.subset(embedded), self.novelty.names_of(method, self.novelty_components)
             )
+            nov, reason = np.ones(len(conf)), np.full(len(conf), "not_embedded", dtype=object)
+            nov[embedded], reason[embedded] = self.novelty.combine(raw_scores, method, self.novelty_components, graph)
         else:  # uncalibrated model: max-probability only
             nov, reason = 1 - conf, np.full(len(conf), "max_prob", dtype=object)
         nov = np.where(embedded, nov, 1.0)

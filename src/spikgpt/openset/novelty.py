@@ -62,7 +62,7 @@ SCORES = (
 DEFAULT_COMBINATION = ("knn_embedding", "gaussian_embedding", "max_prob")
 K_NEIGHBOURS = 10
 DEFAULT_QUERY_NEIGHBOURS = 15
-MAX_ANCHORS = 20_000
+MAX_ANCHORS = 10_000
 
 
 @dataclass
@@ -177,22 +177,33 @@ class NoveltyScorer:
         d2 = self._squared_distances(X, self.state["means_embedding"], self.state["class_precision_embedding"])
         return 0.5 * (d2 + self.state["class_logdet_embedding"][None, :]).min(axis=1)
 
-    def raw_scores(self, out: CellOutputs) -> dict[str, np.ndarray]:
-        """Every score for every cell (higher = more novel)."""
-        probs = out.probs
-        pred = probs.argmax(axis=1)
-        mean_logits = out.logits.mean(0)
-        z = (out.firing - self.state["firing_mean"][pred]) / self.state["firing_std"][pred]
-        return {
-            "max_prob": 1 - probs.max(axis=1),
-            "energy": -torch.logsumexp(mean_logits, dim=1).numpy(),
-            "knn_latent": self._knn("latent", out.latent),
-            "knn_embedding": self._knn("embedding", out.embedding),
-            "mahalanobis_latent": self._mahalanobis("latent", out.latent),
-            "mahalanobis_embedding": self._mahalanobis("embedding", out.embedding),
-            "gaussian_embedding": self._gaussian(out.embedding),
-            "firing": np.sqrt((z**2).mean(axis=1)),
+    def raw_scores(self, out: CellOutputs, names: tuple[str, ...] = SCORES) -> dict[str, np.ndarray]:
+        """Scores ``names`` (all by default) for every cell (higher = more novel)."""
+        scorers = {
+            "max_prob": lambda: 1 - out.probs.max(axis=1),
+            "energy": lambda: -torch.logsumexp(out.logits.mean(0), dim=1).numpy(),
+            "knn_latent": lambda: self._knn("latent", out.latent),
+            "knn_embedding": lambda: self._knn("embedding", out.embedding),
+            "mahalanobis_latent": lambda: self._mahalanobis("latent", out.latent),
+            "mahalanobis_embedding": lambda: self._mahalanobis("embedding", out.embedding),
+            "gaussian_embedding": lambda: self._gaussian(out.embedding),
+            "firing": lambda: self._firing(out),
         }
+        return {name: scorers[name]() for name in names}
+
+    def _firing(self, out: CellOutputs) -> np.ndarray:
+        pred = out.probs.argmax(axis=1)
+        z = (out.firing - self.state["firing_mean"][pred]) / self.state["firing_std"][pred]
+        return np.sqrt((z**2).mean(axis=1))
+
+    def names_of(self, method: str, components: tuple[str, ...]) -> tuple[str, ...]:
+        """The scores ``method`` needs (its components for ``"combined"``), validated."""
+        names = components if method == "combined" else (method,)
+        unknown = [n for n in names if n not in SCORES]
+        if unknown:
+            msg = f"Unknown novelty score(s) {unknown}; choose from {('combined', *SCORES)}."
+            raise ValueError(msg)
+        return tuple(names)
 
     def percentile(self, name: str, values: np.ndarray) -> np.ndarray:
         """Share of calibration cells whose score ``name`` is below ``values`` (0..1)."""
@@ -222,11 +233,7 @@ class NoveltyScorer:
             ``[n, k]`` indices of every cell's nearest query cells (:func:`query_neighbours`):
             each percentile is averaged over them before the maximum. ``None``: cell by cell.
         """
-        names = components if method == "combined" else (method,)
-        unknown = [n for n in names if n not in SCORES]
-        if unknown:
-            msg = f"Unknown novelty score(s) {unknown}; choose from {('combined', *SCORES)}."
-            raise ValueError(msg)
+        names = self.names_of(method, components)
         P = np.stack([self.percentile(n, raw[n]) for n in names], axis=1)
         if neighbours is not None:
             P = P[neighbours].mean(axis=1)
