@@ -61,6 +61,15 @@ def test_gaussian_judges_each_class_by_its_own_spread():
     assert auroc(off_tight["mahalanobis_embedding"], off_diffuse["mahalanobis_embedding"]) < 0.9
 
 
+def test_degenerate_classes_give_finite_scores():
+    """A class of identical cells and a class of one cell still have invertible covariances."""
+    rng = np.random.default_rng(8)
+    X = np.concatenate([rng.normal(0, 1, (50, 3)), np.tile([[5.0, 5, 5]], (10, 1)), [[-5.0, -5, -5]]])
+    s = NoveltyScorer().fit(outputs(X), np.repeat([0, 1, 2], [50, 10, 1]))
+    raw = s.raw_scores(outputs(rng.normal(0, 3, (20, 3))))
+    assert all(np.isfinite(v).all() for v in raw.values())
+
+
 def test_query_neighbours_self_first_and_anchored(monkeypatch):
     rng = np.random.default_rng(6)
     Z = rng.normal(size=(300, 5)).astype(np.float32)
