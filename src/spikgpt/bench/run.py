@@ -8,6 +8,7 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,23 +136,25 @@ def _ms(values: list[float]) -> str:
     return f"{np.mean(values):.3f}" + (f" ± {np.std(values):.3f}" if len(values) > 1 else "")
 
 
+def _task_by_method(tasks: dict, methods: list[str], cell: Callable[[list[dict]], str]) -> list[str]:
+    """Markdown rows of a task × method table; ``cell`` formats one method's runs on one task."""
+    lines = ["| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for name, t in tasks.items():
+        cells = [cell(runs) if (runs := t["methods"].get(m)) else "–" for m in methods]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     """The summary tables of a benchmark run."""
     tasks = results["tasks"]
     methods = sorted({m for t in tasks.values() for m in t["methods"]}, key=lambda m: (m != "spikgpt", m))
     lines = ["## Closed set: macro-F1 (accuracy) on query cells of reference types, mean ± sd over seeds", ""]
-    lines.append("| task | " + " | ".join(methods) + " |")
-    lines.append("|---" * (len(methods) + 1) + "|")
-    for name, t in tasks.items():
-        cells = []
-        for m in methods:
-            runs = t["methods"].get(m)
-            cells.append(
-                "–"
-                if not runs
-                else f"{_ms([r['macro_f1'] for r in runs])} ({np.mean([r['accuracy'] for r in runs]):.3f})"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _task_by_method(
+        tasks,
+        methods,
+        lambda runs: f"{_ms([r['macro_f1'] for r in runs])} ({np.mean([r['accuracy'] for r in runs]):.3f})",
+    )
     lines += ["", "## Speed: training seconds / prediction cells per second (mean over tasks and seeds)", ""]
     lines.append("| method | train s | predict cells/s |")
     lines.append("|---|---|---|")
@@ -168,20 +171,15 @@ def markdown(results: dict) -> str:
         "spikgpt: calibrated novelty at 5 % target false rejection; CellTypist: `prob match` at p < 0.5 "
         "(Unassigned counted as Unknown).",
         "",
-        "| task | " + " | ".join(rejecting) + " |",
-        "|---" * (len(rejecting) + 1) + "|",
     ]
-    for name, t in tasks.items():
-        cells = []
-        for m in rejecting:
-            runs = t["methods"].get(m)
-            cells.append(
-                "–"
-                if not runs or "false_unknown" not in runs[0]
-                else f"{_ms([r['false_unknown'] for r in runs])}; {np.mean([r['macro_f1'] for r in runs]):.3f} → "
-                f"{np.mean([r['macro_f1_after_rejection'] for r in runs]):.3f}"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _task_by_method(
+        tasks,
+        rejecting,
+        lambda runs: (
+            f"{_ms([r['false_unknown'] for r in runs])}; {np.mean([r['macro_f1'] for r in runs]):.3f} → "
+            f"{np.mean([r['macro_f1_after_rejection'] for r in runs]):.3f}"
+        ),
+    )
     open_tasks = {n: t["open_set"] for n, t in tasks.items() if t["open_set"]}
     if open_tasks:
         names = NOVELTY_COLUMNS
