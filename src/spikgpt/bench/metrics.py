@@ -24,20 +24,24 @@ def closed_set(y_true: np.ndarray, y_pred: np.ndarray, known: list[str]) -> dict
     }
 
 
-def open_set(y_true: np.ndarray, labels: np.ndarray, novelty: np.ndarray, known: list[str]) -> dict[str, float]:
-    """How well ``Unknown`` separates types absent from the reference.
-
-    Returns the fraction of unseen-type cells called ``Unknown``, the false-Unknown rate on
-    known types, and the AUROC of ``novelty`` (any score, higher = more novel) for unseen vs
-    known (NaN without both).
-    """
+def unknown_rates(y_true: np.ndarray, labels: np.ndarray, known: list[str]) -> dict[str, float]:
+    """Share of unseen-type cells called ``Unknown`` and false-Unknown rate on known types."""
     y_true, labels = np.asarray(y_true, dtype=str), np.asarray(labels, dtype=str)
     unseen = ~np.isin(y_true, known)
     called = labels == UNKNOWN
-    auroc = float(roc_auc_score(unseen, np.asarray(novelty))) if 0 < unseen.sum() < len(unseen) else float("nan")
     return {
         "unseen_called_unknown": float(called[unseen].mean()) if unseen.any() else float("nan"),
         "false_unknown_known": float(called[~unseen].mean()) if (~unseen).any() else float("nan"),
-        "unseen_auroc": auroc,
         "n_unseen": int(unseen.sum()),
     }
+
+
+def open_set(y_true: np.ndarray, labels: np.ndarray, novelty: np.ndarray, known: list[str]) -> dict[str, float]:
+    """How well ``Unknown`` separates types absent from the reference.
+
+    Returns :func:`unknown_rates` and the AUROC of ``novelty`` (any score, higher = more
+    novel) for unseen vs known (NaN without both).
+    """
+    unseen = ~np.isin(np.asarray(y_true, dtype=str), known)
+    auroc = float(roc_auc_score(unseen, np.asarray(novelty))) if 0 < unseen.sum() < len(unseen) else float("nan")
+    return {**unknown_rates(y_true, labels, known), "unseen_auroc": auroc}

@@ -39,10 +39,10 @@ def score_aurocs(model: SpikGPTModel, query: ad.AnnData, label_key: str, **input
 
 def rejection_rates(annotated: ad.AnnData, label_key: str, classes: list[str], key: str = "spikgpt") -> dict:
     """Share of unseen-type cells called Unknown, false Unknown on known types, known macro-F1 before/after."""
-    from spikgpt.bench.metrics import closed_set, open_set
+    from spikgpt.bench.metrics import closed_set, unknown_rates
 
     truth = annotated.obs[label_key].astype(str).to_numpy()
-    rates = open_set(truth, annotated.obs[f"{key}_label"], annotated.obs[f"{key}_novelty"], classes)
+    rates = unknown_rates(truth, annotated.obs[f"{key}_label"], classes)
     return {
         "unseen_called_unknown": rates["unseen_called_unknown"],
         "false_unknown_known": rates["false_unknown_known"],

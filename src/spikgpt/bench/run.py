@@ -94,12 +94,11 @@ def run_task(task: Task, seeds: list[int], *, data_root: Path, celltypist: bool,
             m = closed_set(truth, r.raw_label, classes)
             known = np.isin(truth, classes)
             per_class = f1_score(truth[known], r.raw_label[known], labels=classes, average=None, zero_division=0)
-            rejected = metrics.open_set(truth, r.label, np.zeros(len(truth)), classes)
             per_method.setdefault(name, []).append(
                 {
                     **m,
                     "macro_f1_after_rejection": closed_set(truth, r.label, classes)["macro_f1"],
-                    "false_unknown": rejected["false_unknown_known"],
+                    "false_unknown": metrics.unknown_rates(truth, r.label, classes)["false_unknown_known"],
                     "per_class_f1": dict(zip(classes, map(float, per_class), strict=True)),
                     "train_seconds": r.train_seconds,
                     "predict_cells_per_s": len(truth) / max(r.predict_seconds, 1e-9),
@@ -109,7 +108,7 @@ def run_task(task: Task, seeds: list[int], *, data_root: Path, celltypist: bool,
         if unseen.any():
             for name, v in score_aurocs(model, query, task.label_key, **task.input_kw).items():
                 open_set["scores"].setdefault(name, []).append(v)
-            sp = metrics.open_set(truth, results["spikgpt"].label, 1 - results["spikgpt"].score, classes)
+            sp = metrics.unknown_rates(truth, results["spikgpt"].label, classes)
             open_set["spikgpt_unknown"].append(sp["unseen_called_unknown"])
             open_set["spikgpt_false_unknown"].append(sp["false_unknown_known"])
             if "celltypist" in results:

@@ -79,7 +79,9 @@ class CellOutputs:
         return confidence_from_logits(self.logits)[0]
 
     def subset(self, mask: np.ndarray) -> CellOutputs:
-        """The outputs of the cells selected by a boolean ``mask``."""
+        """The outputs of the cells selected by a boolean ``mask`` (itself when all are)."""
+        if mask.all():
+            return self
         idx = torch.as_tensor(np.flatnonzero(mask))
         return CellOutputs(self.logits[:, idx], self.latent[mask], self.embedding[mask], self.firing[mask])
 
