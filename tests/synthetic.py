@@ -7,7 +7,9 @@ import scipy.sparse as sp
 
 from spikgpt.model import TrainConfig
 
-SHARED = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared"
+#: Small files the tests need, shipped in the repository (see each folder's README).
+DATA = __import__("pathlib").Path(__file__).resolve().parent / "data"
+SCGPT_FIXTURE = DATA / "scgpt_tiny"
 
 #: Short training for tests: the point is the plumbing, not the last percent.
 FAST = TrainConfig(lr=5e-3, max_epochs=40, patience=10)

@@ -39,7 +39,8 @@ def test_train_annotate_round_trip_on_real_data(pbmc_files):
         "spikgpt_label",
         "spikgpt_raw_label",
         "spikgpt_confidence",
-        "spikgpt_novelty",
+        "spikgpt_pvalue",
+        "spikgpt_qvalue",
         "spikgpt_unknown_reason",
     ]
     assert len(csv) == out.n_obs
@@ -49,11 +50,11 @@ def test_train_annotate_round_trip_on_real_data(pbmc_files):
     r = runner.invoke(app, [*args[:-1], str(d / "query.h5ad"), "-q"])
     assert r.exit_code == 2 and "is the input file" in r.output
     r = runner.invoke(
-        app, [*args[:-1], str(d / "out2.h5ad"), "--novelty", "max_prob", "--novelty-neighbours", "1", "-q"]
+        app, [*args[:-1], str(d / "out2.h5ad"), "--novelty", "max_prob", "--fdr", "0.05", "--no-mapping", "-q"]
     )
     assert r.exit_code == 0
     uns = ad.read_h5ad(d / "out2.h5ad").uns["spikgpt"]
-    assert uns["novelty"] == "max_prob" and uns["novelty_neighbours"] == 1
+    assert uns["novelty"] == "max_prob" and uns["fdr"] == 0.05 and not uns["mapping"]["applied"]
     r = runner.invoke(app, [*args[:-1], str(d / "out3.h5ad"), "--novelty", "bogus", "-q"])
     assert r.exit_code == 2 and "Unknown novelty score" in r.output
 
@@ -69,9 +70,8 @@ def test_cli_errors_are_one_clear_line(pbmc_files, tmp_path):
 
 
 def test_embed_then_train_on_obsm(tmp_path):
-    from synthetic import SHARED
+    from synthetic import SCGPT_FIXTURE as fix
 
-    fix = SHARED / "fixtures" / "scgpt_tiny"
     out = tmp_path / "emb.h5ad"
     r = runner.invoke(app, ["embed", str(fix / "query.h5ad"), "--scgpt", str(fix / "checkpoint"), "--out", str(out)])
     assert r.exit_code == 0, r.output
@@ -82,3 +82,46 @@ def test_embed_then_train_on_obsm(tmp_path):
         app, ["embed", str(fix / "query.h5ad"), "--scgpt", str(tmp_path), "--out", str(tmp_path / "x.h5ad")]
     )
     assert r.exit_code == 2 and "lacks args.json" in r.output
+
+
+def test_outputs_and_options_are_checked_before_any_work(pbmc_files, tmp_path, monkeypatch):
+    """Each bad output path or option fails at once, before training or annotation starts."""
+    import spikgpt.api
+
+    def boom(*_a, **_k):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(spikgpt.api, "train", boom)
+    monkeypatch.setattr(spikgpt.api, "annotate", boom)
+    d = pbmc_files
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "important.txt").write_text("keep")
+    train = ["train", str(d / "ref.h5ad"), "--label-key", "bulk_labels", "-q"]
+    cases = [
+        ([*train, "--out", str(afile), "--overwrite"], "is a file"),
+        ([*train, "--out", str(precious), "--overwrite"], "not a spikgpt model folder"),
+        ([*train, "--out", str(tmp_path / "m"), "--fdr", "1.5"], "fdr must be in [0, 1)"),
+        (["train", str(tmp_path / "nope.h5ad"), "--label-key", "x", "--out", str(tmp_path / "m")], "File not found"),
+    ]
+    model_dir = tmp_path / "model"
+    annotate = ["annotate", str(d / "query.h5ad"), "--model", str(model_dir), "-q"]
+    cases += [
+        ([*annotate, "--out", str(tmp_path / "o.txt")], "must end in .h5ad"),
+        ([*annotate, "--out", str(tmp_path / "o.h5ad"), "--csv", str(tmp_path / "p.tsv")], "must end in .csv"),
+        ([*annotate, "--out", str(afile / "o.h5ad")], "not a writable folder"),
+        ([*annotate, "--out", str(tmp_path / "o.h5ad")], "does not exist"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+    assert (precious / "important.txt").read_text() == "keep" and afile.read_text() == "x"
+
+
+def test_version_flag():
+    from spikgpt import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.output

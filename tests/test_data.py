@@ -14,7 +14,7 @@ def test_counts_and_log_normalised_come_out_on_one_scale(counts):
     totals = np.asarray(log.X.sum(1)).ravel()
     log.X = sp.csr_matrix(np.log1p(sp.diags(1e4 / totals) @ log.X))  # scanpy's usual log-normalisation
     a, b = prepare(counts), prepare(log)
-    assert a.was_counts and not b.was_counts
+    assert a.scale == "counts" and b.scale == "log1p"
     np.testing.assert_allclose(a.X.toarray(), b.X.toarray(), atol=1e-4)
     np.testing.assert_allclose(np.expm1(a.X.toarray()).sum(1), 1e4, rtol=1e-4)
 
@@ -105,3 +105,62 @@ def test_atomic_write_refuses_to_clobber(counts, tmp_path):
     write_h5ad_atomic(counts[:5], path, overwrite=True)
     assert ad.read_h5ad(path).n_obs == 5
     assert [p.name for p in tmp_path.iterdir()] == ["a.h5ad"]  # no temp files left
+
+
+def _cp10k(counts):
+    totals = np.asarray(counts.X.sum(1)).ravel()
+    return sp.diags(1e4 / totals) @ counts.X
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "scale"),
+    [
+        ("ambient-corrected counts", lambda c: c.X.multiply(0.93), "linear"),
+        ("counts per 10,000, no log", _cp10k, "linear"),
+        ("log1p of counts per million", lambda c: np.log1p(_cp10k(c).toarray() * 100), "log1p"),
+        ("log2(x + 1) of counts per 10,000", lambda c: np.log2(1 + _cp10k(c).toarray()), "log2"),
+    ],
+)
+def test_wrong_scale_inputs_are_detected_and_converted(counts, name, make, scale):
+    """Each scale a user may hand in is named and brought to log1p CP10k, like raw counts."""
+    expected = prepare(counts).X.toarray()
+    other = counts.copy()
+    other.X = sp.csr_matrix(make(counts), dtype=np.float32)
+    expr = prepare(other)
+    assert expr.scale == scale, name
+    np.testing.assert_allclose(expr.X.toarray(), expected, atol=1e-4)
+
+
+def test_log_panel_without_constant_totals_is_kept(counts):
+    """A log-scale gene panel (totals differ per cell) cannot be checked: kept, as before."""
+    panel = counts[:, :40].copy()
+    panel.X = sp.csr_matrix(np.log1p(_cp10k(counts)[:, :40].toarray()), dtype=np.float32)
+    expr = prepare(panel)
+    assert expr.scale == "log"
+    np.testing.assert_allclose(expr.X.toarray(), panel.X.toarray())
+
+
+def test_backed_anndata_reads(counts, tmp_path):
+    counts.write_h5ad(tmp_path / "c.h5ad")
+    backed = ad.read_h5ad(tmp_path / "c.h5ad", backed="r")
+    np.testing.assert_allclose(prepare(backed).X.toarray(), prepare(counts).X.toarray())
+
+
+def test_output_permissions_follow_umask(counts, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_h5ad_atomic(counts, tmp_path / "o.h5ad", overwrite=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o.h5ad").stat().st_mode & 0o777 == 0o644
+
+
+def test_gene_id_mismatch_names_both_sides(counts):
+    ens = counts.copy()
+    ens.var_names = [f"ENSG{i:011d}" for i in range(ens.n_vars)]
+    with pytest.raises(GeneOverlapError, match="model's genes are gene symbols.*input's are Ensembl IDs"):
+        align(prepare(ens), prepare(counts).genes)
+    with pytest.raises(GeneOverlapError, match="model's genes are Ensembl IDs.*input's are gene symbols"):
+        align(prepare(counts), prepare(ens).genes)

@@ -2,7 +2,7 @@
 
 import logging
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 logging.getLogger("spikgpt").addHandler(logging.NullHandler())
 

@@ -11,7 +11,6 @@ from dataclasses import replace
 import anndata as ad
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from spikgpt import __version__
 from spikgpt.data import Cells, read
@@ -19,14 +18,14 @@ from spikgpt.embed import Embedder, make_embedder
 from spikgpt.errors import InputError
 from spikgpt.model.annotator import SpikGPTModel
 from spikgpt.model.network import NetworkConfig
-from spikgpt.model.training import TrainConfig, fit_network
-from spikgpt.openset import UNKNOWN, reject
-from spikgpt.openset.novelty import CellOutputs, NoveltyScorer
+from spikgpt.model.training import MIN_SPLIT_CELLS, TrainConfig, fit_network, stratified_split
+from spikgpt.openset import DEFAULT_FDR, UNKNOWN, check_fdr, reject
+from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
 
 logger = logging.getLogger("spikgpt")
 
 
-def labels_of(adata: ad.AnnData, label_key: str, *, min_cells: int) -> tuple[np.ndarray, list[str]]:
+def labels_of(adata: ad.AnnData, label_key: str) -> tuple[np.ndarray, list[str]]:
     """Validate ``obs[label_key]``; return integer codes and the sorted class names."""
     if label_key not in adata.obs.columns:
         msg = (
@@ -49,14 +48,6 @@ def labels_of(adata: ad.AnnData, label_key: str, *, min_cells: int) -> tuple[np.
     classes, y = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
         msg = f"obs[{label_key!r}] has {len(classes)} cell type; a classifier needs at least 2."
-        raise InputError(msg)
-    counts = np.bincount(y)
-    small = [f"{c} ({n})" for c, n in zip(classes, counts, strict=True) if n < min_cells]
-    if small:
-        msg = (
-            f"Cell types with fewer than {min_cells} cells cannot be split for validation and "
-            f"calibration: {', '.join(small)}. Remove or merge them, or lower min_cells_per_class."
-        )
         raise InputError(msg)
     return y.astype(np.int64), classes.tolist()
 
@@ -97,8 +88,6 @@ def _fit_pipeline(
         classes=[],
         input_mean=mean.astype(np.float32),
         input_std=std.astype(np.float32),
-        threshold=np.inf,
-        target_frr=0.0,
         train_config=cfg,
         summary={"history": {k: v for k, v in history.items() if not isinstance(v, list)}},
     )
@@ -122,22 +111,21 @@ def train(
     gene_key: str | None = None,
     network: NetworkConfig | dict | None = None,
     train_config: TrainConfig | None = None,
-    target_frr: float = 0.05,
+    fdr: float = DEFAULT_FDR,
+    mapping: bool = True,
     calibration_fraction: float = 0.2,
     novelty: str = "combined",
-    min_cells_per_class: int = 5,
+    min_cells_per_class: int = MIN_SPLIT_CELLS,
     seed: int = 0,
     progress: bool = True,
 ) -> SpikGPTModel:
     """Train a spiking-transformer annotator on a labelled reference.
 
     A stratified share ``calibration_fraction`` of the reference is held out of every fitted
-    step (embedder, scaling, classifier, early stopping, novelty statistics); the rejection
-    threshold is the ``1 - target_frr`` quantile of the trained model's novelty score on these
-    cells, so it is set on the very model that annotates, on cells it has never seen. (Cross-fitting, i.e. thresholds
-    from fold models and a final refit on all cells, was measured and rejected: on
-    ``pbmc68k_reduced`` the fold models were far less confident than the refit model, so the
-    threshold rejected 0 % of known and of unseen cells.) The input is not modified.
+    step (embedder, scaling, classifier, early stopping, novelty statistics); their novelty
+    scores under the trained model are the null against which query cells get conformal
+    p-values (:mod:`spikgpt.openset.decision`), so the Unknown rule is set on the very model
+    that annotates, with cells it has never seen. The input is not modified.
 
     Parameters
     ----------
@@ -157,11 +145,12 @@ def train(
         ``in_dim`` and ``n_classes``).
     train_config
         Optimisation settings (:class:`~spikgpt.model.TrainConfig`).
-    target_frr
-        Target share of known-type cells called ``Unknown`` (false rejection), default 5 %: the
-        threshold is the ``1 - target_frr`` quantile of single held-out cells' novelty. With
-        the default neighbourhood averaging at annotation this is an upper bound; measured
-        within a dataset, 0–2 % of known cells are rejected.
+    fdr
+        Default false discovery rate of the ``Unknown`` calls (the share of them allowed to be
+        cells of known types), 0.10; :func:`annotate` can override it.
+    mapping
+        Map query embeddings onto the reference before classifying (:mod:`spikgpt.mapping`);
+        :func:`annotate` can override it.
     calibration_fraction
         Share of reference cells held out to calibrate the threshold; 0 trains on every cell
         and skips calibration (no cell is ever ``Unknown``).
@@ -169,7 +158,9 @@ def train(
         Default novelty score for ``Unknown`` (see :mod:`spikgpt.openset.novelty`):
         ``"combined"`` or one of its components.
     min_cells_per_class
-        Smallest accepted class size.
+        Classes with fewer cells are not split: all their cells train the classifier (none
+        validates or calibrates), so a 1-cell type is still learned and predicted. The model's
+        ``summary["rare_classes"]`` lists them.
     seed
         Seeds every random step; equal seeds give identical models.
     progress
@@ -184,18 +175,27 @@ def train(
     if not 0 <= calibration_fraction < 1:
         msg = f"calibration_fraction must be in [0, 1), got {calibration_fraction}."
         raise InputError(msg)
-    y, classes = labels_of(adata, label_key, min_cells=max(min_cells_per_class, 3))
+    check_fdr(fdr)
+    score_names(novelty, DEFAULT_COMBINATION)
+    y, classes = labels_of(adata, label_key)
     cells = Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
+    cells.expression()  # validate the whole input before any split
     if isinstance(network, dict):
         network = NetworkConfig(in_dim=1, n_classes=len(classes), **network)
     net_cfg = replace(network or NetworkConfig(in_dim=1, n_classes=1), n_classes=len(classes))
     cfg = train_config or TrainConfig()
 
-    fit_idx, cal_idx = np.arange(len(y)), np.array([], dtype=int)
-    if calibration_fraction > 0:
-        n_cal = max(int(round(calibration_fraction * len(y))), len(classes))
-        fit_idx, cal_idx = train_test_split(fit_idx, test_size=n_cal, stratify=y, random_state=seed)
-        fit_idx, cal_idx = np.sort(fit_idx), np.sort(cal_idx)
+    counts = np.bincount(y, minlength=len(classes))
+    rare = [c for c, n in zip(classes, counts, strict=True) if n < max(min_cells_per_class, 2)]
+    if rare:
+        logger.warning(
+            "%d cell type(s) have fewer than %d cells and train on all of them (none held out for "
+            "validation or calibration; the threshold is set on the other types): %s.",
+            len(rare),
+            min_cells_per_class,
+            ", ".join(f"{c} ({counts[classes.index(c)]})" for c in rare),
+        )
+    fit_idx, cal_idx = stratified_split(y, calibration_fraction, min_cells=min_cells_per_class, seed=seed)
     model, E_fit, y_fit = _fit_pipeline(
         cells.subset(fit_idx), y[fit_idx], embedder, net_cfg, cfg, seed=seed, progress=progress
     )
@@ -205,23 +205,22 @@ def train(
         model.novelty = NoveltyScorer().fit(model.outputs(E_fit), y_fit, seed=seed)
         cal_out, cal_ok = _embedded_outputs(model, cells.subset(cal_idx))
         model.novelty.calibrate(cal_out)
-        model.novelty_method = novelty
-        model.target_frr = target_frr
-        model.threshold = model.novelty.threshold(novelty, model.novelty_components, target_frr)
         correct = cal_out.probs.argmax(axis=1) == y[cal_idx][cal_ok]
         calibration.update(accuracy=float(correct.mean()))
         logger.info(
-            "Novelty (%s) threshold %.4f from %d held-out reference cells (their accuracy %.3f).",
+            "Novelty (%s) calibrated on %d held-out reference cells (their accuracy %.3f).",
             novelty,
-            model.threshold,
             len(cal_idx),
             calibration["accuracy"],
         )
+    model.novelty_method, model.fdr, model.mapping = novelty, fdr, mapping
     model.summary.update(
         n_cells=int(adata.n_obs),
         n_genes=int(adata.n_vars),
         label_key=label_key,
-        class_counts={c: int(n) for c, n in zip(classes, np.bincount(y), strict=True)},
+        class_counts={c: int(n) for c, n in zip(classes, counts, strict=True)},
+        rare_classes=rare,
+        min_cells_per_class=min_cells_per_class,
         input={"layer": layer, "use_raw": use_raw, "gene_key": gene_key},
         embedder=model.embedder.spec,
         seed=seed,
@@ -239,27 +238,33 @@ def annotate(
     use_raw: bool = False,
     gene_key: str | None = None,
     novelty: str | None = None,
-    novelty_neighbours: int | None = None,
-    threshold: float | None = None,
+    fdr: float | None = None,
+    mapping: bool | None = None,
     key_added: str = "spikgpt",
     copy: bool = False,
+    progress: bool = True,
 ) -> ad.AnnData | None:
-    """Annotate cells with a trained model, calling novel or low-confidence cells ``Unknown``.
+    """Annotate cells with a trained model, calling cells of types absent from the reference ``Unknown``.
 
-    Writes, with ``key_added="spikgpt"``:
+    Every query cell is tested against the model's held-out reference cells (conformal
+    p-values, see :mod:`spikgpt.openset.decision`); cells whose test is rejected at false
+    discovery rate ``fdr`` over the query are ``Unknown``. Before that, the query embedding is
+    moved onto the reference by one translation estimated from mutual nearest neighbours
+    (:mod:`spikgpt.mapping`), which removes a batch/protocol shift without aligning a new type
+    away. Writes, with ``key_added="spikgpt"``:
 
-    - ``obs["spikgpt_label"]``: predicted cell type, or ``Unknown`` above the novelty threshold;
-    - ``obs["spikgpt_raw_label"]``: predicted cell type before rejection (novelty scoring never
-      changes it);
+    - ``obs["spikgpt_label"]``: predicted cell type, or ``Unknown``;
+    - ``obs["spikgpt_raw_label"]``: predicted cell type before rejection;
     - ``obs["spikgpt_confidence"]``: softmax maximum of the time-averaged logits (0 for
       cells the embedder could not embed);
-    - ``obs["spikgpt_novelty"]``: novelty in [0, 1]: the share of held-out reference cells
-      that look more familiar, averaged over the cell's ``novelty_neighbours`` nearest query
-      cells (1 for cells that could not be embedded);
-    - ``obs["spikgpt_unknown_reason"]``: the novelty score that made a cell ``Unknown``
+    - ``obs["spikgpt_pvalue"]``: novelty p-value (small = unlike every held-out reference
+      cell); ``obs["spikgpt_qvalue"]``: its Benjamini–Hochberg adjustment. A cell is
+      ``Unknown`` iff ``qvalue <= fdr``, so ``obs["spikgpt_qvalue"] <= 0.05`` re-decides at 5 %
+      without re-running;
+    - ``obs["spikgpt_unknown_reason"]``: the score that made a cell ``Unknown``
       (``not_embedded`` for cells that could not be embedded), empty otherwise;
-    - ``obsm["X_spikgpt_embedding"]``: the cell embedding the classifier consumed;
-    - ``uns["spikgpt"]``: threshold, novelty score, model summary and settings.
+    - ``obsm["X_spikgpt_embedding"]``: the (mapped) cell embedding the classifier consumed;
+    - ``uns["spikgpt"]``: FDR, novelty score, mapping shift, global shift removed, settings.
 
     Parameters
     ----------
@@ -270,19 +275,19 @@ def annotate(
     layer, use_raw, gene_key
         Expression source and gene names of the query (see :func:`train`).
     novelty
-        Novelty score deciding ``Unknown``: ``"combined"`` or one of
-        :data:`spikgpt.openset.novelty.SCORES`; the model's default when ``None``. Its threshold
-        is calibrated on the model's held-out reference cells.
-    novelty_neighbours
-        Number of nearest query cells (the cell included) whose novelty percentiles are averaged
-        (see :mod:`spikgpt.openset.novelty`); 1 scores each cell on its own, which makes a cell's
-        result independent of the rest of the query. The model's default (15) when ``None``.
-    threshold
-        Override the calibrated novelty threshold.
+        ``"combined"`` (the model's default components) or one of
+        :data:`spikgpt.openset.novelty.SCORES`; the model's default when ``None``.
+    fdr
+        False discovery rate of the ``Unknown`` calls; the model's (0.10) when ``None``; 0 calls
+        nothing ``Unknown``.
+    mapping
+        Map the query onto the reference first; the model's setting (on) when ``None``.
     key_added
         Prefix of the keys written.
     copy
         Return an annotated copy instead of writing into ``adata``.
+    progress
+        Progress bar on long queries (terminal only).
 
     Returns
     -------
@@ -293,40 +298,46 @@ def annotate(
     if copy and not from_path:
         adata = adata.copy()
     model = SpikGPTModel.coerce(model)
+    fdr = model.fdr if fdr is None else float(fdr)
+    check_fdr(fdr)
     method = novelty or model.novelty_method
-    thr = model.unknown_threshold(method) if threshold is None else float(threshold)
     t0 = time.perf_counter()
-    k = model.novelty_neighbours if novelty_neighbours is None else int(novelty_neighbours)
-    pred = model.predict(Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key), novelty=method, neighbours=k)
-    labels = reject(pred.raw_label, pred.novelty, thr)
-    is_unknown = labels == UNKNOWN
-    categories = [*model.classes, UNKNOWN]
-    adata.obs[f"{key_added}_label"] = pd.Categorical(labels, categories=categories)
+    cells = Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
+    pred = model.predict(cells, novelty=method, fdr=fdr, mapping=mapping, progress=progress)
+    labels = reject(pred.raw_label, pred.unknown)
+    is_unknown = pred.unknown
+    adata.obs[f"{key_added}_label"] = pd.Categorical(labels, categories=[*model.classes, UNKNOWN])
     adata.obs[f"{key_added}_raw_label"] = pd.Categorical(pred.raw_label, categories=model.classes)
     adata.obs[f"{key_added}_confidence"] = pred.confidence.astype(np.float32)
-    adata.obs[f"{key_added}_novelty"] = pred.novelty.astype(np.float32)
+    adata.obs[f"{key_added}_pvalue"] = pred.pvalue
+    adata.obs[f"{key_added}_qvalue"] = pred.qvalue
     adata.obs[f"{key_added}_unknown_reason"] = np.where(is_unknown, pred.reason, "").astype(str)
     adata.obsm[f"X_{key_added}_embedding"] = pred.embedding
+    m = pred.mapping
     adata.uns[key_added] = {
         "spikgpt_version": __version__,
         "embedder": model.embedder.spec,
         "novelty": method,
-        "novelty_components": list(model.novelty_components) if method == "combined" else [method],
-        "novelty_neighbours": k,
-        "threshold": thr,
-        "target_frr": model.target_frr,
+        "novelty_components": list(score_names(method, model.novelty_components)),
+        "fdr": fdr,
+        "mapping": {
+            "applied": bool(model.mapping if mapping is None else mapping),
+            "shift_norm": 0.0 if m is None else m.norm,
+            "mutual_pairs": 0 if m is None else m.n_pairs,
+        },
+        "global_shift_removed": pred.shift,
         "classes": list(model.classes),
         "n_unknown": int(is_unknown.sum()),
         "n_not_embedded": int((~pred.embedded).sum()),
         "input": {"layer": layer or "", "use_raw": use_raw, "gene_key": gene_key or ""},
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    logger.info("Annotated %d cells; %d Unknown.", adata.n_obs, adata.uns[key_added]["n_unknown"])
+    logger.info("Annotated %d cells; %d Unknown at FDR %.2f.", adata.n_obs, adata.uns[key_added]["n_unknown"], fdr)
     if adata.n_obs >= 50 and is_unknown.mean() > 0.5:
         logger.warning(
             "%.0f%% of the cells are Unknown. Either most of the query is of types absent from the "
-            "reference, or it differs from the reference by a strong batch/protocol effect; compare "
-            "obs['%s_raw_label'], and consider integrating the datasets first or novelty='max_prob'.",
+            "reference, or it differs from the reference by more than the mapping removed; compare "
+            "obs['%s_raw_label'].",
             100 * is_unknown.mean(),
             key_added,
         )

@@ -35,15 +35,28 @@ def _setup(quiet: bool) -> None:
         logging.getLogger("spikgpt").addHandler(RichHandler(console=console, show_path=False))
 
 
-def _check_outputs(source: Path, *outputs: Path | None, overwrite: bool) -> None:
-    """Refuse to replace the input or an existing output unless --overwrite."""
-    for path in outputs:
-        if path is None or overwrite:
-            continue
-        if path.resolve() == source.resolve():
-            raise FileExistsError(f"{path} is the input file; pass --overwrite to replace it.")
-        if path.exists():
-            raise FileExistsError(f"{path} exists. Choose another path or pass --overwrite.")
+def _check_input(path: Path) -> None:
+    """Fail before any work when an input file is missing or not an .h5ad."""
+    from spikgpt.data import check_input_file
+
+    check_input_file(path)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from spikgpt import __version__
+
+        print(f"spikgpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Annotate single-cell RNA-seq with a spiking transformer."""
 
 
 def _fail(err: Exception) -> None:
@@ -60,20 +73,35 @@ def train(
     layer: Layer = None,
     use_raw: UseRaw = False,
     gene_key: GeneKey = None,
-    target_frr: Annotated[float, typer.Option(help="Share of held-out known cells above the threshold.")] = 0.05,
+    fdr: Annotated[
+        float, typer.Option(help="False discovery rate of Unknown calls (share allowed to be known cells).")
+    ] = 0.1,
+    no_mapping: Annotated[
+        bool, typer.Option("--no-mapping", help="Do not map query embeddings onto the reference by default.")
+    ] = False,
     calibration_fraction: Annotated[
         float, typer.Option(help="Share of reference cells held out to calibrate Unknown (0: none).")
     ] = 0.2,
+    min_cells_per_class: Annotated[
+        int,
+        typer.Option(help="Types with fewer cells train on all their cells (none held out to calibrate).", min=2),
+    ] = 5,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a model on a labelled reference and save it to a folder."""
     from spikgpt.api import train as train_
+    from spikgpt.model.annotator import check_model_destination
+    from spikgpt.openset import check_fdr
 
     _setup(quiet)
     try:
-        _check_outputs(reference, out, overwrite=overwrite)
+        _check_input(reference)
+        check_model_destination(out, overwrite=overwrite)
+        check_fdr(fdr)
+        if not 0 <= calibration_fraction < 1:
+            raise ValueError(f"--calibration-fraction must be in [0, 1), got {calibration_fraction}.")
         model = train_(
             reference,
             label_key,
@@ -81,13 +109,15 @@ def train(
             layer=layer,
             use_raw=use_raw,
             gene_key=gene_key,
-            target_frr=target_frr,
+            fdr=fdr,
+            mapping=not no_mapping,
             calibration_fraction=calibration_fraction,
+            min_cells_per_class=min_cells_per_class,
             seed=seed,
             progress=not quiet,
         )
         model.save(out, overwrite=overwrite)
-    except (SpikGPTError, FileExistsError) as err:
+    except (SpikGPTError, FileExistsError, ValueError) as err:
         _fail(err)
     console.print(f"{model}\nSaved to [bold]{out}[/]")
 
@@ -101,17 +131,14 @@ def annotate(
     novelty: Annotated[
         str | None,
         typer.Option(
-            help="Novelty score for Unknown: combined (default), max_prob, energy, knn_latent, "
+            help="Novelty score(s) tested: combined (the model's default), max_prob, energy, knn_latent, "
             "knn_embedding, mahalanobis_latent, mahalanobis_embedding, gaussian_embedding or firing."
         ),
     ] = None,
-    novelty_neighbours: Annotated[
-        int | None,
-        typer.Option(
-            help="Average novelty over this many nearest query cells (default 15); 1 = each cell on its own.",
-            min=1,
-        ),
+    fdr: Annotated[
+        float | None, typer.Option(help="False discovery rate of Unknown calls (default: the model's, 0.1).")
     ] = None,
+    no_mapping: Annotated[bool, typer.Option("--no-mapping", help="Do not map the query onto the reference.")] = False,
     layer: Layer = None,
     use_raw: UseRaw = False,
     gene_key: GeneKey = None,
@@ -120,19 +147,32 @@ def annotate(
 ) -> None:
     """Annotate a query with a trained model; writes obs['spikgpt_label'] and friends."""
     from spikgpt.api import annotate as annotate_
-    from spikgpt.data import write_h5ad_atomic
+    from spikgpt.data import check_output_file, write_atomic, write_h5ad_atomic
+    from spikgpt.model import SpikGPTModel
+    from spikgpt.openset import check_fdr
+    from spikgpt.openset.novelty import score_names
 
     _setup(quiet)
     try:
-        _check_outputs(query, out, csv, overwrite=overwrite)
+        _check_input(query)
+        check_output_file(out, ".h5ad", overwrite=overwrite, source=query)
+        if csv is not None:
+            check_output_file(csv, ".csv", overwrite=overwrite, source=query)
+        loaded = SpikGPTModel.load(model)
+        if novelty is not None:
+            score_names(novelty, loaded.novelty_components)
+        if fdr is not None:
+            check_fdr(fdr)
         adata = annotate_(
             query,
-            model,
+            loaded,
             layer=layer,
             use_raw=use_raw,
             gene_key=gene_key,
             novelty=novelty,
-            novelty_neighbours=novelty_neighbours,
+            fdr=fdr,
+            mapping=False if no_mapping else None,
+            progress=not quiet,
         )
         write_h5ad_atomic(adata, out, overwrite=overwrite)
         if csv is not None:
@@ -140,12 +180,11 @@ def annotate(
                 "spikgpt_label",
                 "spikgpt_raw_label",
                 "spikgpt_confidence",
-                "spikgpt_novelty",
+                "spikgpt_pvalue",
+                "spikgpt_qvalue",
                 "spikgpt_unknown_reason",
             ]
-            tmp = csv.with_name(csv.name + ".tmp")
-            adata.obs[cols].to_csv(tmp)
-            tmp.replace(csv)
+            write_atomic(csv, adata.obs[cols].to_csv, overwrite=overwrite)
     except (SpikGPTError, FileExistsError, ValueError) as err:
         _fail(err)
     counts = adata.obs["spikgpt_label"].value_counts()
@@ -174,11 +213,12 @@ def embed(
 ) -> None:
     """Compute scGPT cell embeddings (then train with --embedder obsm:X_scGPT or scgpt:PATH)."""
     from spikgpt.api import embed_scgpt
-    from spikgpt.data import write_h5ad_atomic
+    from spikgpt.data import check_output_file, write_h5ad_atomic
 
     _setup(quiet)
     try:
-        _check_outputs(query, out, overwrite=overwrite)
+        _check_input(query)
+        check_output_file(out, ".h5ad", overwrite=overwrite, source=query)
         adata = embed_scgpt(
             query,
             scgpt,
@@ -290,7 +330,14 @@ def bench(
     seeds: Annotated[int, typer.Option(help="Number of seeds (0..n-1).")] = 3,
     celltypist: Annotated[bool, typer.Option(help="Also run CellTypist 1.7.1 (own venv, created once).")] = True,
     loto: Annotated[bool, typer.Option(help="Leave-one-type-out open-set evaluation.")] = True,
-    data_root: Annotated[Path | None, typer.Option(help="Folder with the datasets (default ../shared/data).")] = None,
+    data_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            "--data-root",
+            help="Folder with the datasets (default: shared/data beside the repository); see README 'Benchmark data'.",
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Benchmark spikgpt against its non-spiking twin, LR/kNN on the same embedding and CellTypist."""

@@ -1,9 +1,8 @@
 """Reading, validating and normalising AnnData input (no torch here).
 
 Every AnnData that enters spikgpt goes through :func:`prepare`: it picks the expression source
-(``X``, a layer or ``raw``), checks it, detects raw counts vs log-normalised values and brings
-counts to log1p of counts per 10,000 (the scale log-normalised data is expected to be on),
-the same on reference and query.
+(``X``, a layer or ``raw``), checks it, detects its scale (:func:`input_scale`: counts, linear,
+log1p, log2) and brings it to log1p of counts per 10,000, the same on reference and query.
 """
 
 from __future__ import annotations
@@ -11,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -38,14 +38,14 @@ class Expression:
         Upper-cased, de-duplicated gene names, one per column.
     obs_names
         The cells, in input order.
-    was_counts
-        Whether the input looked like raw counts (else log-normalised).
+    scale
+        The detected input scale (a key of :data:`SCALES`).
     """
 
     X: sp.csr_matrix
     genes: np.ndarray
     obs_names: pd.Index
-    was_counts: bool
+    scale: str
 
 
 def read(data: ad.AnnData | str | os.PathLike) -> ad.AnnData:
@@ -62,9 +62,19 @@ def read(data: ad.AnnData | str | os.PathLike) -> ad.AnnData:
     """
     if isinstance(data, ad.AnnData):
         return data
-    path = Path(data)
-    if not path.exists():
-        msg = f"File not found: {path}."
+    path = check_input_file(data)
+    try:
+        return ad.read_h5ad(path)
+    except Exception as err:  # h5py raises several unrelated types for a damaged file
+        msg = f"Could not read {path} as an .h5ad file ({type(err).__name__}: {err})."
+        raise InputError(msg) from err
+
+
+def check_input_file(path: str | os.PathLike) -> Path:
+    """Raise :class:`InputError` unless ``path`` is an existing ``.h5ad`` file."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"File not found: {path}." if not path.exists() else f"{path} is a folder, not an .h5ad file."
         raise InputError(msg)
     if path.suffix != ".h5ad":
         msg = (
@@ -72,11 +82,57 @@ def read(data: ad.AnnData | str | os.PathLike) -> ad.AnnData:
             "first, e.g. `scanpy.read_10x_mtx(...).write_h5ad('data.h5ad')`."
         )
         raise InputError(msg)
+    return path
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_file(path: str | os.PathLike, suffix: str, *, overwrite: bool, source: Path | None = None) -> Path:
+    """Raise unless ``path`` is a writable output with ``suffix``; call before any work.
+
+    An existing file is replaced only with ``overwrite``; the input itself and folders never are.
+    """
+    path = Path(path)
+    if path.suffix != suffix:
+        msg = f"Output {path} must end in {suffix}."
+        raise InputError(msg)
+    if path.is_dir():
+        msg = f"Output {path} is a folder; give a file path ending in {suffix}."
+        raise FileExistsError(msg)
+    if path.exists() and source is not None and path.resolve() == Path(source).resolve() and not overwrite:
+        msg = f"{path} is the input file; pass --overwrite to replace it."
+        raise FileExistsError(msg)
+    if path.exists() and not overwrite:
+        msg = f"{path} exists. Choose another output or pass overwrite=True (--overwrite)."
+        raise FileExistsError(msg)
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        msg = f"Cannot write {path}: {parent} is not a writable folder."
+        raise FileExistsError(msg)
+    return path
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool) -> Path:
+    """Write a file through ``write(tmp_path)`` and a rename, with permissions from the umask."""
+    path = check_output_file(path, Path(path).suffix, overwrite=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix + ".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        return ad.read_h5ad(path)
-    except Exception as err:  # h5py raises several unrelated types for a damaged file
-        msg = f"Could not read {path} as an .h5ad file ({type(err).__name__}: {err})."
-        raise InputError(msg) from err
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -95,23 +151,8 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike, *, overwrite: 
     -------
     The destination path.
     """
-    path = Path(path)
-    if path.suffix != ".h5ad":
-        msg = f"Output {path} must end in .h5ad."
-        raise InputError(msg)
-    if path.exists() and not overwrite:
-        msg = f"{path} exists. Choose another output or pass overwrite=True (--overwrite)."
-        raise FileExistsError(msg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".h5ad.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    check_output_file(path, ".h5ad", overwrite=overwrite)
+    return write_atomic(path, adata.write_h5ad, overwrite=overwrite)
 
 
 def gene_names(adata: ad.AnnData, gene_key: str | None = None, *, use_raw: bool = False) -> np.ndarray:
@@ -147,14 +188,55 @@ def _matrix(adata: ad.AnnData, layer: str | None, use_raw: bool) -> sp.csr_matri
     if X is None:
         msg = "The AnnData has no expression matrix in X. Pass a layer or use raw."
         raise InputError(msg)
+    if not (isinstance(X, np.ndarray) or sp.issparse(X)):  # backed (on-disk) matrix: read it
+        X = X[()] if hasattr(X, "dtype") and not hasattr(X, "format") else X[:]
     # copy=False where possible: never modify the caller's matrix below.
     return sp.csr_matrix(X, dtype=np.float32)
 
 
-def looks_like_counts(X: sp.csr_matrix) -> bool:
-    """Whether the stored values are non-negative integers (raw counts)."""
-    sample = X.data[:1_000_000]
-    return bool(sample.size == 0 or np.all(sample == np.round(sample)))
+#: What :func:`input_scale` can detect, and what spikgpt does with it.
+SCALES = {
+    "counts": "raw counts (integers): normalised to 10,000 per cell, then log1p",
+    "linear": "non-integer values on a linear scale (e.g. ambient-corrected counts, or counts per "
+    "10,000 without log): normalised to 10,000 per cell, then log1p",
+    "log1p": "log1p of per-cell normalised values: kept (rescaled to 10,000 per cell if the total differs)",
+    "log2": "log2(x + 1) of per-cell normalised values: converted to log1p of counts per 10,000",
+    "log": "log-scale values whose per-cell totals cannot be checked (e.g. a gene panel): kept as they are",
+}
+_SCALE_SAMPLE = 2000
+
+
+def input_scale(X: sp.csr_matrix) -> tuple[str, float]:
+    """Detect the scale of an expression matrix.
+
+    Integers are counts. Non-integer values above 50 cannot be on a log scale (log1p of a
+    million is 13.8), so they are linear. Below that, the per-cell totals of ``expm1(x)`` or
+    ``2**x - 1`` tell log1p from log2 data when they are the same for every cell (within 1 %),
+    which is what per-cell normalisation produces on the whole transcriptome.
+
+    Parameters
+    ----------
+    X
+        Cells × genes, non-negative.
+
+    Returns
+    -------
+    One of :data:`SCALES`, and the per-cell total for ``"log1p"`` / ``"log2"`` (else NaN).
+    """
+    rows = X[: min(X.shape[0], _SCALE_SAMPLE)]
+    data = rows.data
+    if data.size == 0 or np.all(data == np.round(data)):
+        return "counts", np.nan
+    if data.max() > 50:
+        return "linear", np.nan
+    for kind, inverse in (("log1p", np.expm1), ("log2", lambda v: np.exp2(v) - 1)):
+        lin = rows.copy()
+        lin.data = inverse(lin.data.astype(np.float64))
+        totals = np.asarray(lin.sum(axis=1)).ravel()
+        totals = totals[totals > 0]
+        if len(totals) >= 2 and totals.std() <= 0.01 * totals.mean():
+            return kind, float(np.median(totals))
+    return "log", np.nan
 
 
 def validate(adata: ad.AnnData, X: sp.csr_matrix, genes: np.ndarray) -> None:
@@ -186,19 +268,24 @@ def validate(adata: ad.AnnData, X: sp.csr_matrix, genes: np.ndarray) -> None:
         )
 
 
-def normalise(X: sp.csr_matrix, *, counts: bool) -> sp.csr_matrix:
-    """Bring ``X`` to log1p of counts per 10,000.
+def normalise(X: sp.csr_matrix, scale: str, total: float = np.nan) -> sp.csr_matrix:
+    """Bring ``X``, detected as ``scale`` (see :func:`input_scale`), to log1p of counts per 10,000.
 
-    Raw counts are normalised per cell and log1p-transformed. Log-normalised input is kept as
-    it is: re-normalising it would assume it is the natural log of counts over the whole
-    transcriptome, which published matrices often are not (log2 values, or a panel of a few
-    hundred marker genes whose per-cell total is dominated by one hormone gene).
+    Log-scale input whose totals cannot be checked (``"log"``) is kept as it is: re-normalising
+    it would assume it is the natural log of counts over the whole transcriptome, which published
+    matrices often are not (a panel of a few hundred marker genes whose per-cell total is
+    dominated by one hormone gene).
     """
-    if not counts:
+    if scale == "log" or (scale == "log1p" and abs(np.log10(total / TARGET_SUM)) < 0.01):
         return X.copy()
-    totals = np.asarray(X.sum(axis=1)).ravel()
-    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
-    X = sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ X, dtype=np.float32)
+    X = X.copy()
+    if scale == "log1p":
+        X.data = np.expm1(X.data)
+    elif scale == "log2":
+        X.data = np.exp2(X.data) - 1
+    totals = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+    factor = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+    X = sp.csr_matrix(sp.diags(factor.astype(np.float32)) @ X, dtype=np.float32)
     np.log1p(X.data, out=X.data)
     return X
 
@@ -234,9 +321,21 @@ def prepare(
     keep = ~pd.Index(genes).duplicated()
     if not keep.all():
         X, genes = X[:, keep], genes[keep]
-    counts = looks_like_counts(X)
-    logger.info("Input looks like %s.", "raw counts" if counts else "log-normalised values")
-    return Expression(normalise(X, counts=counts), genes, adata.obs_names.copy(), counts)
+    scale, total = input_scale(X)
+    logger.info(
+        "Input looks like %s.", SCALES[scale] + (f" (per-cell total {total:.4g})" if np.isfinite(total) else "")
+    )
+    return Expression(normalise(X, scale, total), genes, adata.obs_names.copy(), scale)
+
+
+def gene_id_kind(genes: np.ndarray) -> str:
+    """``"Ensembl IDs"`` when most names start with ``ENS``, else ``"gene symbols"``."""
+    sample = np.asarray(genes[:1000], dtype=str)
+    return (
+        "Ensembl IDs"
+        if len(sample) and np.char.startswith(np.char.upper(sample), "ENS").mean() > 0.5
+        else "gene symbols"
+    )
 
 
 def align(expr: Expression, genes: np.ndarray, *, min_overlap: float = 0.1) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -260,12 +359,16 @@ def align(expr: Expression, genes: np.ndarray, *, min_overlap: float = 0.1) -> t
     frac = present.mean() if len(genes) else 0.0
     logger.info("%d of %d model genes (%.0f%%) found in the input.", present.sum(), len(genes), 100 * frac)
     if frac < min_overlap:
-        example = ", ".join(map(str, expr.genes[:3]))
+        kind_model, kind_input = gene_id_kind(genes), gene_id_kind(expr.genes)
         msg = (
-            f"Only {present.sum()} of {len(genes)} model genes ({100 * frac:.0f}%) are in the "
-            f"input (its genes look like: {example}). Are they Ensembl IDs or another species? "
-            "Point at a var column with gene symbols via gene_key (--gene-key)."
+            f"Only {present.sum()} of {len(genes)} model genes ({100 * frac:.0f}%) are in the input. The "
+            f"model's genes are {kind_model} (e.g. {', '.join(map(str, genes[:3]))}); the input's are "
+            f"{kind_input} (e.g. {', '.join(map(str, expr.genes[:3]))}). "
         )
+        if kind_model != kind_input:
+            msg += f"Point gene_key (--gene-key) at a var column of the input holding {kind_model}."
+        else:
+            msg += "Is the input from another species or gene panel? Point gene_key (--gene-key) at the right column."
         raise GeneOverlapError(msg)
     if frac < 0.5:
         logger.warning(
@@ -294,6 +397,14 @@ class Cells:
     use_raw: bool = False
     gene_key: str | None = None
     _expression: Expression | None = None
+    _aligned: dict = field(default_factory=dict, repr=False)
+
+    def aligned(self, genes: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+        """:func:`align` of the expression to ``genes``, cached (the overlap is logged once)."""
+        key = hash(tuple(map(str, genes)))
+        if key not in self._aligned:
+            self._aligned[key] = align(self.expression(), genes)
+        return self._aligned[key]
 
     def expression(self) -> Expression:
         """The validated, normalised expression (cached)."""
@@ -305,7 +416,7 @@ class Cells:
         """The cells at integer positions ``index`` (views, no copy of the AnnData)."""
         expr = self._expression
         if expr is not None:
-            expr = Expression(expr.X[index], expr.genes, expr.obs_names[index], expr.was_counts)
+            expr = Expression(expr.X[index], expr.genes, expr.obs_names[index], expr.scale)
         return Cells(self.adata[index], self.layer, self.use_raw, self.gene_key, expr)
 
     @property

@@ -17,6 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from spikgpt.api import annotate, train
+from spikgpt.bench.figures import query_umap
 from spikgpt.bench.metrics import closed_set, open_set
 from spikgpt.data import Cells, write_h5ad_atomic
 
@@ -84,7 +85,9 @@ def run_demo(out: str | Path, *, held_out: str = "CD34+", seed: int = 0, progres
         spikgpt=closed_set(y, query.obs["spikgpt_raw_label"], known),
         spikgpt_after_rejection=closed_set(y, query.obs["spikgpt_label"], known),
         logistic_regression=closed_set(y, lr.predict(E_query), known),
-        open_set=open_set(y, query.obs["spikgpt_label"], query.obs["spikgpt_novelty"], known),
+        open_set=open_set(
+            y, query.obs["spikgpt_label"], -np.log10(query.obs["spikgpt_pvalue"].clip(lower=1e-300)), known
+        ),
         held_out=held_out,
         train_seconds=model.summary["train_seconds"],
         annotate_seconds=query.uns["spikgpt"]["seconds"],
@@ -93,26 +96,9 @@ def run_demo(out: str | Path, *, held_out: str = "CD34+", seed: int = 0, progres
     files = {
         "model": str(out / "model"),
         "annotated_query": str(write_h5ad_atomic(query, out / "query_annotated.h5ad", overwrite=True)),
-        "umap": str(_plot_umap(query, out / "umap.png", seed=seed)),
+        "umap": str(query_umap(query, LABEL_KEY, out / "umap.png", seed=seed)),
         "metrics": str(out / "metrics.json"),
     }
     result.files.update(files)
     (out / "metrics.json").write_text(json.dumps(result.__dict__, indent=1))
     return result
-
-
-def _plot_umap(query, path: Path, *, seed: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sc.pp.neighbors(query, use_rep="X_spikgpt_embedding", random_state=seed)
-    sc.tl.umap(query, random_state=seed)
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
-    sc.pl.umap(query, color=LABEL_KEY, ax=axes[0], show=False, title="truth")
-    sc.pl.umap(query, color="spikgpt_label", ax=axes[1], show=False, title="spikgpt (with Unknown)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

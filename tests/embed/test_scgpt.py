@@ -1,4 +1,4 @@
-"""Parity of our scGPT embedder with the official scgpt 0.2.4 outputs (shared/fixtures/scgpt_tiny)."""
+"""Parity of our scGPT embedder with the official scgpt 0.2.4 outputs (tests/data/scgpt_tiny)."""
 
 import json
 import shutil
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from synthetic import SHARED
+from synthetic import SCGPT_FIXTURE
 
 from spikgpt.data import Cells
 from spikgpt.embed import make_embedder
 from spikgpt.embed.scgpt import ScGPTEmbedder, ScGPTEncoder, Tokenizer, bin_values, cosine_to_mean, pad_batch
 from spikgpt.errors import GeneOverlapError, ModelFormatError
 
-FIX = SHARED / "fixtures" / "scgpt_tiny"
+FIX = SCGPT_FIXTURE
 CKPT = FIX / "checkpoint"
 SEED = 1234  # the fixture's RNG protocol seed
 

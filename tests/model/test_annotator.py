@@ -21,7 +21,11 @@ def test_save_load_identical_predictions(trained, counts, tmp_path):
     b = spikgpt.annotate(counts, loaded, copy=True)
     assert (a.obs["spikgpt_label"] == b.obs["spikgpt_label"]).all()
     np.testing.assert_array_equal(a.obs["spikgpt_confidence"], b.obs["spikgpt_confidence"])
-    assert loaded.threshold == trained.threshold and loaded.classes == trained.classes
+    np.testing.assert_allclose(a.obs["spikgpt_pvalue"], b.obs["spikgpt_pvalue"], rtol=1e-5)
+    assert a.uns["spikgpt"]["mapping"] == b.uns["spikgpt"]["mapping"]  # the mapping survives the round trip
+    np.testing.assert_allclose(a.obsm["X_spikgpt_embedding"], b.obsm["X_spikgpt_embedding"], atol=1e-5)
+    assert (loaded.fdr, loaded.shift, loaded.mapping) == (trained.fdr, trained.shift, trained.mapping)
+    assert loaded.classes == trained.classes
     assert "3 cell types" in repr(loaded)
     # every novelty score survives the round trip
     from spikgpt.data import Cells
@@ -30,8 +34,8 @@ def test_save_load_identical_predictions(trained, counts, tmp_path):
     rb = loaded.novelty.raw_scores(loaded.predict(Cells(counts)).outputs)
     for name in ra:
         np.testing.assert_allclose(ra[name], rb[name], rtol=1e-6, err_msg=name)  # BLAS rounding only
-    for method in ("combined", "knn_latent", "energy"):
-        assert loaded.unknown_threshold(method) == trained.unknown_threshold(method)
+    for name in trained.novelty.state:
+        np.testing.assert_array_equal(trained.novelty.state[name], loaded.novelty.state[name], err_msg=name)
     with pytest.raises(FileExistsError, match="overwrite"):
         trained.save(path)
 
@@ -46,8 +50,8 @@ def test_model_folder_errors(trained, tmp_path):
     with pytest.raises(ModelFormatError, match="format 99.*Upgrade spikgpt"):
         SpikGPTModel.load(path)
 
-    (path / "config.json").write_text(json.dumps({**cfg, "format_version": 1}))
-    with pytest.raises(ModelFormatError, match="format 1.*Re-train"):
+    (path / "config.json").write_text(json.dumps({**cfg, "format_version": 2}))
+    with pytest.raises(ModelFormatError, match="format 2.*Re-train"):
         SpikGPTModel.load(path)
 
     (path / "config.json").write_text(json.dumps({"model_type": "celltypist"}))
@@ -63,3 +67,48 @@ def test_model_folder_errors(trained, tmp_path):
     (path / "weights.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFormatError, match="damaged or incomplete"):
         SpikGPTModel.load(path)
+
+
+def test_overwrite_only_replaces_a_model_folder(trained, tmp_path):
+    precious = tmp_path / "results"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "important.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a spikgpt model folder"):
+        trained.save(precious, overwrite=True)
+    assert (precious / "important.txt").read_text() == "keep me" and (precious / "sub").is_dir()
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        trained.save(afile, overwrite=True)
+    assert afile.read_text() == "x"
+    trained.save(tmp_path / "m")
+    with pytest.raises(FileExistsError, match="holds a spikgpt model"):
+        trained.save(tmp_path / "m")
+    trained.save(tmp_path / "m", overwrite=True)  # a model folder is replaced
+    assert SpikGPTModel.load(tmp_path / "m").classes == trained.classes
+
+
+def test_model_folder_permissions_follow_umask(trained, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        trained.save(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "m" / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_missing_folder_and_nan_weights_are_clear_errors(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(ModelFormatError, match="does not exist"):
+        SpikGPTModel.load(tmp_path / "nope")
+    trained.save(tmp_path / "m")
+    w = load_file(tmp_path / "m" / "weights.safetensors")
+    key = next(k for k, v in w.items() if v.is_floating_point() and v.numel() > 1)
+    w[key][0] = float("nan")
+    save_file(w, tmp_path / "m" / "weights.safetensors")
+    with pytest.raises(ModelFormatError, match="NaN"):
+        SpikGPTModel.load(tmp_path / "m")

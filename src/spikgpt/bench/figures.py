@@ -49,20 +49,31 @@ def per_class_f1(table: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
+def type_palette(*columns: pd.Series) -> dict[str, str]:
+    """One colour per cell type across ``columns`` (so a type looks the same in every panel); Unknown grey."""
+    names = sorted({str(v) for col in columns for v in col.astype(str).unique()} - {"Unknown"})
+    cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    palette = {n: matplotlib.colors.to_hex(cmap(i % cmap.N)) for i, n in enumerate(names)}
+    return {**palette, "Unknown": "#b0b0b0"}
+
+
 def query_umap(query: ad.AnnData, label_key: str, path: Path, seed: int = 0) -> Path:
     """UMAP of the query's spikgpt embedding coloured by truth, prediction and Unknown."""
     import scanpy as sc
 
-    q = ad.AnnData(obs=query.obs[[label_key, "spikgpt_label"]].copy())
+    q = ad.AnnData(obs=query.obs[[label_key, "spikgpt_label"]].astype(str).astype("category"))
     q.obsm["X"] = query.obsm["X_spikgpt_embedding"]
     q.obs["Unknown"] = (q.obs["spikgpt_label"].astype(str) == "Unknown").map({True: "Unknown", False: "assigned"})
     sc.pp.neighbors(q, use_rep="X", random_state=seed)
     sc.tl.umap(q, random_state=seed)
+    palette = type_palette(q.obs[label_key], q.obs["spikgpt_label"])
+    palette["assigned"] = "#4c72b0"
     fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
     for ax, col, title in zip(
         axes, [label_key, "spikgpt_label", "Unknown"], ["truth", "spikgpt", "Unknown"], strict=True
     ):
-        sc.pl.umap(q, color=col, ax=ax, show=False, title=title, legend_fontsize=7)
+        cats = q.obs[col].cat.categories
+        sc.pl.umap(q, color=col, ax=ax, show=False, title=title, legend_fontsize=7, palette=[palette[c] for c in cats])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -20,9 +20,8 @@ logger = logging.getLogger("spikgpt")
 def score_aurocs(model: SpikGPTModel, query: ad.AnnData, label_key: str, **input_kw) -> dict[str, float]:
     """AUROC of every novelty score for unseen-type vs known-type query cells.
 
-    Every score in :data:`SCORES` and ``combined_cell`` (the default combination) are scored
-    cell by cell; ``combined`` is the novelty as :func:`spikgpt.annotate` computes it, with the
-    percentiles averaged over each cell's nearest query cells.
+    ``decision`` ranks by the p-value :func:`spikgpt.annotate` tests; every score in
+    :data:`SCORES` is its raw value on the mapped embedding.
     """
     truth = query.obs[label_key].astype(str).to_numpy()
     unseen = ~np.isin(truth, model.classes)
@@ -30,10 +29,9 @@ def score_aurocs(model: SpikGPTModel, query: ad.AnnData, label_key: str, **input
         return {}
     pred = model.predict(Cells(query, **input_kw))
     raw = model.novelty.raw_scores(pred.outputs)
-    out = {name: float(roc_auc_score(unseen, raw[name])) for name in SCORES}
-    nov, _ = model.novelty.combine(raw, "combined", model.novelty_components)
-    out["combined_cell"] = float(roc_auc_score(unseen, nov))
-    out["combined"] = float(roc_auc_score(unseen, pred.novelty))
+    ok = pred.embedded
+    out = {name: float(roc_auc_score(unseen[ok], raw[name])) for name in SCORES}
+    out["decision"] = float(roc_auc_score(unseen, pred.novelty))
     return out
 
 
@@ -65,7 +63,7 @@ def leave_one_type_out(
     """For each type: train without it on a stratified share of the rest, score the remainder plus it.
 
     Returns, per held-out type, the AUROC of every score and the rejection rates at the
-    model's default threshold.
+    model's default FDR.
     """
     labels = adata.obs[label_key].astype(str).to_numpy()
     counts = {t: int((labels == t).sum()) for t in np.unique(labels)}

@@ -29,12 +29,11 @@ logger = logging.getLogger("spikgpt")
 
 #: Tasks whose leave-one-type-out open-set evaluation runs (one retraining per type).
 LOTO_TASKS = ("pbmc68k_split",)
-#: Novelty columns of the open-set tables: annotate's novelty, the same cell by cell, every score.
-NOVELTY_COLUMNS = ("combined", "combined_cell", *SCORES)
+#: Novelty columns of the open-set tables: annotate's p-value, then every raw score.
+NOVELTY_COLUMNS = ("decision", *SCORES)
 NOVELTY_NOTE = (
-    "`combined` = the default components' percentiles averaged over each cell's 15 nearest query cells "
-    "(what `annotate` uses); `combined_cell` = the same cell by cell; the other columns are single scores, "
-    "cell by cell."
+    "`decision` = the p-value `annotate` tests (default scores, after mapping and the shift correction); "
+    "the other columns are single raw scores, cell by cell, after mapping."
 )
 
 
@@ -165,9 +164,9 @@ def markdown(results: dict) -> str:
     rejecting = [m for m in ("spikgpt", "celltypist") if m in methods]
     lines += [
         "",
-        "## Unknown at the default threshold: false Unknown on known types; known-type macro-F1 before → after",
+        "## Unknown at the default FDR: false Unknown on known types; known-type macro-F1 before → after",
         "",
-        "spikgpt: calibrated novelty at 5 % target false rejection; CellTypist: `prob match` at p < 0.5 "
+        "spikgpt: conformal p-values, Benjamini–Hochberg at FDR 0.10; CellTypist: `prob match` at p < 0.5 "
         "(Unassigned counted as Unknown).",
         "",
     ]

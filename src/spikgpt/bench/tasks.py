@@ -91,7 +91,10 @@ def _read(spec: str, root: Path) -> ad.AnnData:
         return sc.datasets.pbmc68k_reduced()
     path = Path(root) / spec
     if not path.exists():
-        msg = f"Benchmark file {path} not found. Pass data_root (--data-root) pointing at the datasets."
+        msg = (
+            f"Benchmark file {path} not found. Pass --data-dir pointing at the datasets; each task's "
+            "`sources` (README, 'Benchmark data') says where to fetch the file and its sha256."
+        )
         raise FileNotFoundError(msg)
     return ad.read_h5ad(path)
 

@@ -105,7 +105,7 @@ class DefaultEmbedder(Embedder):
         if self.components is None:
             msg = "The embedder is not fitted yet."
             raise RuntimeError(msg)
-        X, present = align(cells.expression(), self.genes)
+        X, present = cells.aligned(self.genes)
         if self.scale == "self":
             mean, std = _moments(X)
         else:

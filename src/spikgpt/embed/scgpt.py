@@ -464,7 +464,7 @@ class ScGPTEmbedder(Embedder):
         )
         n = X.shape[0]
         out = np.full((n, self.dim), np.nan, dtype=np.float32)
-        bar = tqdm(total=n, desc="scGPT embedding", unit="cells", disable=not self.progress)
+        bar = tqdm(total=n, desc="scGPT embedding", unit="cells", disable=None if self.progress else True)
         for start in range(0, n, self.chunk_size):
             chunk = X[start : start + self.chunk_size]
             tokens = tok(sp.csr_matrix(chunk, dtype=np.float32))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spikgpt.data import Cells, align
+from spikgpt.data import Cells
 from spikgpt.embed.default import DefaultEmbedder
 from spikgpt.model.annotator import SpikGPTModel
 
@@ -29,6 +29,17 @@ class Attributions:
     features: np.ndarray  # [F] gene names, or "dim_k" for embedding dimensions
     predicted: np.ndarray  # [n] predicted class index
     to_genes: bool
+    direction: np.ndarray  # [n, F] int8: +1 input above the baseline (reference mean), −1 below, 0 at it
+
+
+#: What an attribution is measured against, in words (the integrated-gradient path's start).
+BASELINE = "the reference mean of every gene (scaled value 0)"
+#: The three kinds of evidence :func:`top_features` reports.
+EVIDENCE = {
+    "above": "expressed above the reference mean, and that supports the call",
+    "below": "expressed below the reference mean, and that supports the call (absence as evidence)",
+    "against": "speaks against the call (either direction)",
+}
 
 
 def _integrated_gradients(model: SpikGPTModel, Z: np.ndarray, target: np.ndarray, steps: int) -> np.ndarray:
@@ -70,8 +81,8 @@ def gene_attributions(model: SpikGPTModel, cells: Cells, *, steps: int = 16, bat
     emb = model.embedder
     to_genes = isinstance(emb, DefaultEmbedder)
     if to_genes:
-        X, present = align(cells.expression(), emb.genes)
-    out = []
+        X, present = cells.aligned(emb.genes)
+    out, signs = [], []
     for s in range(0, len(Z), batch_size):
         g = _integrated_gradients(model, Z[s : s + batch_size], pred[s : s + batch_size], steps)
         if to_genes:
@@ -79,20 +90,58 @@ def gene_attributions(model: SpikGPTModel, cells: Cells, *, steps: int = 16, bat
             z[:, ~present] = 0.0
             out.append(z * ((g / model.input_std) @ emb.components))
         else:
-            out.append(g * (Z[s : s + batch_size] - model.standardise(np.zeros((1, Z.shape[1]), np.float32))))
-    values = np.concatenate(out) if out else np.zeros((0, len(emb.genes) if to_genes else Z.shape[1]))
+            z = Z[s : s + batch_size] - model.standardise(np.zeros((1, Z.shape[1]), np.float32))
+            out.append(g * z)
+        signs.append(np.sign(z).astype(np.int8))
+    n_feat = len(emb.genes) if to_genes else Z.shape[1]
+    values = np.concatenate(out) if out else np.zeros((0, n_feat))
+    direction = np.concatenate(signs) if signs else np.zeros((0, n_feat), np.int8)
     features = np.asarray(emb.genes) if to_genes else np.array([f"dim_{k}" for k in range(Z.shape[1])])
-    return Attributions(values.astype(np.float32), features, pred, to_genes)
+    return Attributions(values.astype(np.float32), features, pred, to_genes, direction)
 
 
-def top_features(att: Attributions, classes: list[str], n_top: int = 20) -> dict[str, list[tuple[str, float]]]:
-    """Per class, the features with the largest mean attribution over the cells predicted as it."""
+def top_features(
+    att: Attributions, classes: list[str], n_top: int = 20, evidence: str = "above"
+) -> dict[str, list[tuple[str, float]]]:
+    """Per class, the features that most support (or oppose) the calls of that class.
+
+    An attribution is signed relative to :data:`BASELINE`: a gene *below* the reference mean
+    can support a call (a beta-cell marker that is low in an alpha cell). The three kinds of
+    :data:`EVIDENCE` are therefore reported apart, each averaged over the cells predicted as the
+    class (cells where the gene is on the other side of the baseline contribute 0).
+
+    Parameters
+    ----------
+    att
+        Output of :func:`gene_attributions`.
+    classes
+        Class names, by index.
+    n_top
+        Features kept per class.
+    evidence
+        ``"above"`` (marker-like: high expression supports the call), ``"below"`` (low
+        expression supports it) or ``"against"`` (most negative attributions).
+
+    Returns
+    -------
+    Per class, ``(feature, mean attribution)`` ranked by strength (positive for ``above`` and
+    ``below``, negative for ``against``); features with no such evidence are left out.
+    """
+    if evidence not in EVIDENCE:
+        msg = f"evidence must be one of {list(EVIDENCE)}, got {evidence!r}."
+        raise ValueError(msg)
     table = {}
     for c, name in enumerate(classes):
         rows = att.predicted == c
         if not rows.any():
             continue
-        mean = att.values[rows].mean(axis=0)
-        order = np.argsort(-mean)[:n_top]
+        v = att.values[rows]
+        if evidence == "against":
+            mean = v.clip(max=0).mean(axis=0)
+            order = [i for i in np.argsort(mean)[:n_top] if mean[i] < 0]
+        else:
+            side = att.direction[rows] == (1 if evidence == "above" else -1)
+            mean = np.where(side, v, 0.0).clip(min=0).mean(axis=0)
+            order = [i for i in np.argsort(-mean)[:n_top] if mean[i] > 0]
         table[name] = [(str(att.features[i]), float(mean[i])) for i in order]
     return table

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from spikgpt.data import Cells, read
-from spikgpt.explain.attribution import gene_attributions, top_features
+from spikgpt.explain.attribution import BASELINE, EVIDENCE, gene_attributions, top_features
 from spikgpt.model.annotator import SpikGPTModel
 from spikgpt.snn import LIF, SpikingSelfAttention
 
@@ -107,15 +107,19 @@ def explain(
     att = gene_attributions(model, c)
     E = model.embedder.transform(c)
     Z = model.standardise(E)
-    top = top_features(att, model.classes, n_top)
+    tops = {kind: top_features(att, model.classes, n_top, kind) for kind in EVIDENCE}
     attention = attention_maps(model, Z, att.predicted)
     firing = firing_by_class(model, E, att.predicted)
     chosen = cells or [adata.obs_names[0]]
     pos = [adata.obs_names.get_loc(name) for name in chosen]
     result = {
         "feature_kind": "gene" if att.to_genes else "embedding dimension",
-        "top_genes": {
-            k: {"feature": [f for f, _ in v], "attribution": np.array([a for _, a in v])} for k, v in top.items()
+        "baseline": BASELINE,
+        **{
+            "top_genes" + ("" if kind == "above" else f"_{kind}"): {
+                k: {"feature": [f for f, _ in v], "attribution": np.array([a for _, a in v])} for k, v in t.items()
+            }
+            for kind, t in tops.items()
         },
         "attention": attention,
         "firing_rates": {k: firing.loc[k].to_dict() for k in firing.index},
@@ -128,11 +132,11 @@ def explain(
     }
     adata.uns[key_added] = result
     if out is not None:
-        _write_files(Path(out), result, top, model, Z[pos[0]], chosen[0])
+        _write_files(Path(out), result, tops, model, Z[pos[0]], chosen[0])
     return result
 
 
-def _write_files(out: Path, result: dict, top: dict, model: SpikGPTModel, z: np.ndarray, cell: str) -> None:
+def _write_files(out: Path, result: dict, tops: dict, model: SpikGPTModel, z: np.ndarray, cell: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,11 +144,13 @@ def _write_files(out: Path, result: dict, top: dict, model: SpikGPTModel, z: np.
 
     out.mkdir(parents=True, exist_ok=True)
     rows = [
-        {"cell_type": k, "rank": i + 1, "feature": f, "mean_attribution": a}
+        {"cell_type": k, "evidence": kind, "rank": i + 1, "feature": f, "mean_attribution": a}
+        for kind, top in tops.items()
         for k, v in top.items()
         for i, (f, a) in enumerate(v)
     ]
     pd.DataFrame(rows).to_csv(out / "top_genes.csv", index=False)
+    top = tops["above"]
 
     genes = list(dict.fromkeys(f for v in top.values() for f, _ in v[:5]))
     heat = pd.DataFrame(0.0, index=genes, columns=list(top))
@@ -160,7 +166,7 @@ def _write_files(out: Path, result: dict, top: dict, model: SpikGPTModel, z: np.
     ax.set_yticks(range(heat.shape[0]), heat.index, fontsize=7)
     ax.set_xlabel("predicted cell type")
     ax.set_ylabel(result["feature_kind"])
-    ax.set_title("mean attribution to the predicted class (top 5 per class)")
+    ax.set_title("genes above the reference mean that support the call (top 5 per class)")
     fig.colorbar(im, ax=ax, label="integrated gradient")
     fig.tight_layout()
     fig.savefig(out / "attributions_heatmap.png", dpi=110)
@@ -197,8 +203,14 @@ def _write_files(out: Path, result: dict, top: dict, model: SpikGPTModel, z: np.
     fig.savefig(out / "raster.png", dpi=110)
     plt.close(fig)
 
-    lines = [f"# Why spikgpt called these cells what it did ({result['feature_kind']} attributions)", ""]
-    for k, v in top.items():
-        lines.append(f"- **{k}**: " + ", ".join(f for f, _ in v[:10]))
-    lines += ["", "Files: top_genes.csv, attributions_heatmap.png, attention.png, raster.png."]
+    lines = [
+        f"# Why spikgpt called these cells what it did ({result['feature_kind']} attributions)",
+        "",
+        f"Integrated gradients from {BASELINE} to each cell, towards its predicted class.",
+    ]
+    for kind, title in EVIDENCE.items():
+        lines += ["", f"## {result['feature_kind'].capitalize()}s {title}", ""]
+        for k, v in tops[kind].items():
+            lines.append(f"- **{k}**: " + (", ".join(f for f, _ in v[:10]) or "none"))
+    lines += ["", "Files: top_genes.csv (column evidence), attributions_heatmap.png, attention.png, raster.png."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

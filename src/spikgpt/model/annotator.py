@@ -1,4 +1,4 @@
-""":class:`SpikGPTModel`: a fitted embedder, the spiking classifier and the rejection threshold.
+""":class:`SpikGPTModel`: a fitted embedder, the spiking classifier and the calibrated Unknown rule.
 
 Saved as a folder of ``config.json`` and safetensors files; nothing is ever unpickled.
 """
@@ -18,40 +18,76 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
+from tqdm.auto import tqdm
 
 from spikgpt import __version__
-from spikgpt.data import Cells
+from spikgpt.data import Cells, current_umask
 from spikgpt.embed import Embedder, embedder_from_config
 from spikgpt.errors import ModelFormatError
+from spikgpt.mapping import Mapping, estimate_mapping
 from spikgpt.model.network import NetworkConfig, SpikingTransformer
 from spikgpt.model.training import TrainConfig
-from spikgpt.openset.novelty import (
-    DEFAULT_COMBINATION,
-    DEFAULT_QUERY_NEIGHBOURS,
-    CellOutputs,
-    NoveltyScorer,
-    query_neighbours,
-)
+from spikgpt.openset.decision import DEFAULT_FDR, DEFAULT_SHIFT, calibration_statistic, check_fdr, decide
+from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
 from spikgpt.snn import LIF
 
 FORMAT = "spikgpt-model"
-FORMAT_VERSION = 2  # 2: class Gaussians and query-neighbourhood novelty
+FORMAT_VERSION = 3  # 3: conformal FDR decision and query mapping (2: class Gaussians)
 CONFIG_FILE, WEIGHTS_FILE, EMBEDDER_FILE = "config.json", "weights.safetensors", "embedder.safetensors"
 NOVELTY_FILE = "novelty.safetensors"
+
+
+def is_model_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder holding a spikgpt ``config.json``."""
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("format") == FORMAT
+
+
+def check_model_destination(path: Path, *, overwrite: bool) -> None:
+    """Raise unless a model can be written to ``path`` (see :meth:`SpikGPTModel.save`)."""
+    if not path.exists():
+        if path.parent.exists() and not path.parent.is_dir():
+            msg = f"Cannot create model folder {path}: {path.parent} is a file."
+            raise FileExistsError(msg)
+        return
+    if not path.is_dir():
+        msg = f"{path} is a file, not a model folder. Choose a folder path for the model."
+        raise FileExistsError(msg)
+    if not is_model_folder(path):
+        msg = (
+            f"{path} exists and is not a spikgpt model folder (no spikgpt config.json); it is left "
+            "untouched. Choose a new or empty-named folder for the model."
+        )
+        raise FileExistsError(msg)
+    if not overwrite:
+        msg = f"{path} holds a spikgpt model. Choose another folder or pass overwrite=True (--overwrite)."
+        raise FileExistsError(msg)
 
 
 @dataclass
 class Prediction:
     """Outputs of :meth:`SpikGPTModel.predict` for n cells."""
 
-    embedding: np.ndarray  # [n, d] embedder output (NaN rows: could not embed)
+    embedding: np.ndarray  # [n, d] embedding the classifier consumed (mapped; NaN rows: could not embed)
     probs: np.ndarray  # [n, C]
     confidence: np.ndarray  # [n]
     raw_label: np.ndarray  # [n] class names, before rejection
     embedded: np.ndarray  # [n] bool
-    novelty: np.ndarray  # [n] in [0, 1]; 1 for cells that could not be embedded
-    reason: np.ndarray  # [n] the novelty score responsible ("not_embedded" where so)
-    outputs: CellOutputs
+    pvalue: np.ndarray  # [n] novelty p-value (small = novel); 0 for cells that could not be embedded
+    qvalue: np.ndarray  # [n] Benjamini–Hochberg adjusted p-value
+    unknown: np.ndarray  # [n] bool: Unknown at the model's FDR (always for cells not embedded)
+    reason: np.ndarray  # [n] the novelty score with the smallest p-value ("not_embedded" where so)
+    outputs: CellOutputs  # of the embedded cells
+    mapping: Mapping | None
+    shift: dict  # global shift of −log p removed before testing (location, scale)
+
+    @property
+    def novelty(self) -> np.ndarray:
+        """``−log10 p``: higher = more novel (for ranking, e.g. AUROC)."""
+        return -np.log10(np.maximum(self.pvalue, 1e-300))
 
 
 @dataclass
@@ -63,14 +99,14 @@ class SpikGPTModel:
     classes: list[str]
     input_mean: np.ndarray
     input_std: np.ndarray
-    threshold: float
-    target_frr: float
     train_config: TrainConfig
     summary: dict = field(default_factory=dict)
     novelty: NoveltyScorer | None = None
     novelty_method: str = "combined"
     novelty_components: tuple[str, ...] = DEFAULT_COMBINATION
-    novelty_neighbours: int = DEFAULT_QUERY_NEIGHBOURS
+    fdr: float = DEFAULT_FDR
+    shift: str = DEFAULT_SHIFT
+    mapping: bool = True
 
     def __repr__(self) -> str:
         cfg = self.network.cfg
@@ -78,7 +114,7 @@ class SpikGPTModel:
         return (
             f"SpikGPTModel({len(self.classes)} cell types, embedder={self.embedder.spec!r}, "
             f"{kind} T={self.network.time_steps} L={cfg.depth} D={cfg.dim} N={cfg.n_tokens} "
-            f"({cfg.tokenization}), threshold={self.threshold:.3f} at {self.target_frr:.0%} FRR, "
+            f"({cfg.tokenization}), Unknown at FDR {self.fdr:.0%}{', query mapping' if self.mapping else ''}, "
             f"trained on {self.summary.get('n_cells', '?')} cells)"
         )
 
@@ -89,7 +125,7 @@ class SpikGPTModel:
         return np.nan_to_num(Z, nan=0.0).astype(np.float32)
 
     @torch.inference_mode()
-    def outputs(self, E: np.ndarray, batch_size: int = 4096) -> CellOutputs:
+    def outputs(self, E: np.ndarray, batch_size: int = 4096, *, progress: bool = False) -> CellOutputs:
         """Logits, latent, standardised embedding and per-layer firing rates for embeddings ``E``."""
         Z = self.standardise(E)
         net = self.network.eval()
@@ -101,7 +137,9 @@ class SpikGPTModel:
         ]
         logits, latent = [], []
         try:
-            for s in range(0, len(Z), batch_size):
+            starts = range(0, len(Z), batch_size)
+            show = progress and len(starts) > 10
+            for s in tqdm(starts, desc="classifying", unit="batch", disable=None if show else True):
                 feats = net.features(torch.as_tensor(Z[s : s + batch_size]))
                 logits.append(net.head(feats))
                 latent.append(feats.mean(0))
@@ -116,36 +154,68 @@ class SpikGPTModel:
             firing=torch.stack([torch.cat(r) for r in rates], dim=1).numpy() if logits else np.zeros((0, len(acts))),
         )
 
-    def unknown_threshold(self, method: str | None = None) -> float:
-        """The calibrated novelty threshold of ``method`` (the model's default when ``None``)."""
-        method = method or self.novelty_method
-        if method == self.novelty_method or self.novelty is None:
-            return self.threshold
-        return self.novelty.threshold(method, self.novelty_components, self.target_frr)
-
-    def predict(self, cells: Cells, *, novelty: str | None = None, neighbours: int | None = None) -> Prediction:
-        """Embed and classify ``cells`` and score their novelty (see :func:`spikgpt.annotate`)."""
+    def predict(
+        self,
+        cells: Cells,
+        *,
+        novelty: str | None = None,
+        fdr: float | None = None,
+        mapping: bool | None = None,
+        progress: bool = False,
+    ) -> Prediction:
+        """Embed, map and classify ``cells`` and decide which are Unknown (see :func:`spikgpt.annotate`)."""
+        fdr = self.fdr if fdr is None else fdr
+        check_fdr(fdr)
+        names = score_names(novelty or self.novelty_method, self.novelty_components)
         E = self.embedder.transform(cells)
         embedded = np.isfinite(E).all(axis=1)
-        out = self.outputs(E)
-        probs = out.probs
-        conf = probs.max(axis=1)
-        conf = np.where(embedded, conf, 0.0)
+        E_ok = E[embedded]
+        mapped = None
+        use_mapping = self.mapping if mapping is None else mapping
+        if self.novelty is not None and len(E_ok) > 1:
+            ref = self.novelty.state["ref_embedding"]
+            mapped = estimate_mapping(self.standardise(E_ok), ref)
+            if use_mapping:
+                E_ok = E_ok - mapped.shift * self.input_std
+                # which cells have a reference counterpart once moved: they estimate the residual shift
+                mapped.matched = estimate_mapping(self.standardise(E_ok), ref, rounds=1).matched
+            else:
+                mapped.shift = np.zeros_like(mapped.shift)
+        out = self.outputs(E_ok, progress=progress)
+        n = len(E)
+        probs = np.zeros((n, len(self.classes)), np.float32)
+        probs[embedded] = out.probs
+        conf = np.where(embedded, probs.max(axis=1), 0.0)
         raw = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
-        if self.novelty is not None:
-            method = novelty or self.novelty_method
-            k = self.novelty_neighbours if neighbours is None else neighbours
-            graph = query_neighbours(out.embedding[embedded], k)
-            raw_scores = self.novelty.raw_scores(
-                out.subset(embedded), self.novelty.names_of(method, self.novelty_components)
+        pvalue, qvalue = np.zeros(n), np.zeros(n)
+        unknown = ~embedded
+        reason = np.full(n, "not_embedded", dtype=object)
+        shift = {"location": 0.0, "scale": 1.0}
+        if self.novelty is not None and embedded.any():
+            d = decide(
+                self.novelty.raw_scores(out, names),
+                self.novelty.calibration_scores(names),
+                names,
+                fdr=fdr,
+                calibration_statistics=self._calibration_statistic(names),
+                shift=self.shift,
+                null_cells=None if mapped is None else mapped.matched,
             )
-            nov, reason = np.ones(len(conf)), np.full(len(conf), "not_embedded", dtype=object)
-            nov[embedded], reason[embedded] = self.novelty.combine(raw_scores, method, self.novelty_components, graph)
-        else:  # uncalibrated model: max-probability only
-            nov, reason = 1 - conf, np.full(len(conf), "max_prob", dtype=object)
-        nov = np.where(embedded, nov, 1.0)
-        reason = np.where(embedded, reason, "not_embedded")
-        return Prediction(E, probs, conf, raw, embedded, nov, reason, out)
+            pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
+            unknown[embedded] = d.unknown
+            shift = d.shift
+        elif embedded.any():  # uncalibrated model (calibration_fraction=0): nothing is Unknown
+            pvalue[embedded], qvalue[embedded], reason[embedded] = 1.0, 1.0, ""
+        E_out = E.copy()
+        E_out[embedded] = E_ok
+        return Prediction(E_out, probs, conf, raw, embedded, pvalue, qvalue, unknown, reason, out, mapped, shift)
+
+    def _calibration_statistic(self, names: tuple[str, ...]) -> np.ndarray:
+        """Calibration cells' combined statistic for ``names`` (cached: it only depends on the model)."""
+        cache = self.__dict__.setdefault("_cal_stat", {})
+        if names not in cache:
+            cache[names] = calibration_statistic(self.novelty.calibration_scores(names), names)
+        return cache[names]
 
     # ---------------------------------------------------------------- save / load
     def config(self) -> dict:
@@ -155,16 +225,16 @@ class SpikGPTModel:
             "format_version": FORMAT_VERSION,
             "spikgpt_version": __version__,
             "classes": list(self.classes),
-            "threshold": self.threshold,
-            "target_frr": self.target_frr,
             "novelty": {
                 "method": self.novelty_method,
                 "components": list(self.novelty_components),
                 "calibrated": self.novelty is not None,
                 "max_reference_cells": self.novelty.max_reference_cells if self.novelty else None,
                 "k": self.novelty.k if self.novelty else None,
-                "neighbours": self.novelty_neighbours,
+                "fdr": self.fdr,
+                "shift": self.shift,
             },
+            "mapping": self.mapping,
             "embedder": self.embedder.config(),
             "network": self.network.cfg.to_dict(),
             "train": self.train_config.to_dict(),
@@ -179,18 +249,18 @@ class SpikGPTModel:
         path
             Destination folder.
         overwrite
-            Replace an existing folder; without it an existing folder is an error.
+            Replace an existing spikgpt model folder. Anything else at ``path`` (a file, a folder
+            without a spikgpt ``config.json``) is never replaced: that is an error either way.
 
         Returns
         -------
         The folder.
         """
         path = Path(path)
-        if path.exists() and not overwrite:
-            msg = f"{path} exists. Choose another folder or pass overwrite=True (--overwrite)."
-            raise FileExistsError(msg)
+        check_model_destination(path, overwrite=overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; a model folder is shared like any output
         try:
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config(), indent=1))
             state = {k: v.contiguous() for k, v in self.network.state_dict().items()}
@@ -229,6 +299,9 @@ class SpikGPTModel:
         """
         path = Path(path)
         cfg_file = path / CONFIG_FILE
+        if not path.exists():
+            msg = f"Model folder {path} does not exist. Check the path, or train one with `spikgpt train`."
+            raise ModelFormatError(msg)
         if not cfg_file.is_file():
             msg = f"{path} is not a spikgpt model folder (no {CONFIG_FILE}). Train one with `spikgpt train`."
             raise ModelFormatError(msg)
@@ -249,13 +322,18 @@ class SpikGPTModel:
         if cfg.get("format_version", 0) < FORMAT_VERSION:
             msg = (
                 f"{path} has model format {cfg.get('format_version')} (spikgpt {cfg.get('spikgpt_version')}), "
-                f"whose novelty statistics this spikgpt {__version__} no longer reads. "
+                f"whose Unknown rule this spikgpt {__version__} no longer reads. "
                 "Re-train it with `spikgpt train`."
             )
             raise ModelFormatError(msg)
         try:
             state = load_torch(path / WEIGHTS_FILE)
             arrays = load_numpy(path / EMBEDDER_FILE)
+            bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            bad += [k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+            if bad:
+                msg = f"{path} holds NaN/inf in {bad[:3]}: the model is damaged. Re-train it."
+                raise ModelFormatError(msg)
             net = SpikingTransformer(NetworkConfig.from_dict(cfg["network"]))
             mean, std = state.pop("input_mean").numpy(), state.pop("input_std").numpy()
             net.load_state_dict(state, strict=True)
@@ -272,14 +350,14 @@ class SpikGPTModel:
                 classes=list(cfg["classes"]),
                 input_mean=mean,
                 input_std=std,
-                threshold=float(cfg["threshold"]),
-                target_frr=float(cfg["target_frr"]),
                 train_config=TrainConfig.from_dict(cfg["train"]),
                 summary=cfg.get("summary", {}),
                 novelty=scorer,
                 novelty_method=nov_cfg["method"],
                 novelty_components=tuple(nov_cfg["components"]),
-                novelty_neighbours=int(nov_cfg["neighbours"]),
+                fdr=float(nov_cfg["fdr"]),
+                shift=str(nov_cfg["shift"]),
+                mapping=bool(cfg["mapping"]),
             )
         except ModelFormatError:
             raise

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,9 @@ from spikgpt.model.config import JSONConfig
 from spikgpt.model.network import NetworkConfig, SpikingTransformer
 
 logger = logging.getLogger("spikgpt")
+
+#: Classes with fewer cells than this are never split off for validation or calibration.
+MIN_SPLIT_CELLS = 5
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,12 @@ class TrainConfig(JSONConfig):
         Stratified share of the training cells held out for early stopping.
     label_smoothing
         Cross-entropy label smoothing.
+    num_threads
+        CPU threads of the training loop. 1 by default: the network is small, so a second
+        thread gains little, while with more threads the result depends on the thread count
+        (floating-point sums in another order) and training slows down many times over when
+        other processes compete for the cores. Raise it for atlas-sized references on a
+        dedicated machine.
     """
 
     lr: float = 2e-3
@@ -54,6 +65,50 @@ class TrainConfig(JSONConfig):
     patience: int = 20
     val_fraction: float = 0.15
     label_smoothing: float = 0.05
+    num_threads: int = 1
+
+
+def stratified_split(
+    y: np.ndarray, fraction: float, *, min_cells: int, seed: int, minimum: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split cell indices into kept and held-out parts, stratified by class.
+
+    Classes with fewer than ``min_cells`` cells go wholly to the kept part: a rare type is
+    learned from every cell it has rather than dropped or split into nothing.
+
+    Parameters
+    ----------
+    y
+        Integer class codes ``[n]``.
+    fraction
+        Share of the splittable cells to hold out.
+    min_cells
+        Smallest class that is split.
+    seed
+        Seed of the split.
+    minimum
+        Smallest held-out size (raised to the number of splittable classes).
+
+    Returns
+    -------
+    Sorted ``kept`` and ``held_out`` integer indices.
+    """
+    idx = np.arange(len(y))
+    counts = np.bincount(y)
+    splittable = counts[y] >= max(min_cells, 2)
+    classes = np.unique(y[splittable])
+    if fraction <= 0 or len(classes) < 1:
+        return idx, np.array([], dtype=np.int64)
+    n_held = max(int(round(fraction * splittable.sum())), minimum, len(classes))
+    pool = idx[splittable]
+    if len(classes) == 1:
+        rng = np.random.default_rng(seed)
+        held = rng.choice(pool, min(n_held, len(pool) - 1), replace=False)
+    else:
+        _, held = train_test_split(pool, test_size=n_held, stratify=y[pool], random_state=seed)
+    mask = np.zeros(len(y), dtype=bool)
+    mask[held] = True
+    return idx[~mask], idx[mask]
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -62,6 +117,24 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     w = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
     w = w / (w[counts > 0] * counts[counts > 0]).sum() * counts.sum()
     return torch.as_tensor(w, dtype=torch.float32)
+
+
+@contextmanager
+def cpu_settings(num_threads: int) -> Iterator[None]:
+    """Run with ``num_threads`` torch threads and denormals flushed to zero; restore both after.
+
+    Flushing denormals matters: membrane potentials decay towards 0 geometrically, and
+    arithmetic on denormal floats is many times slower on x86 CPUs.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, num_threads))
+    flushed = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if flushed:
+            torch.set_flush_denormal(False)
 
 
 def fit_network(
@@ -92,12 +165,18 @@ def fit_network(
     -------
     The trained network (eval mode, best validation epoch) and a history dict.
     """
+    with cpu_settings(cfg.num_threads):
+        return _fit(X, y, net_cfg, cfg, seed=seed, progress=progress)
+
+
+def _fit(
+    X: np.ndarray, y: np.ndarray, net_cfg: NetworkConfig, cfg: TrainConfig, *, seed: int, progress: bool
+) -> tuple[SpikingTransformer, dict]:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    n = len(y)
-    idx = np.arange(n)
-    n_val = max(int(round(cfg.val_fraction * n)), net_cfg.n_classes)
-    tr, va = train_test_split(idx, test_size=n_val, stratify=y, random_state=seed)
+    tr, va = stratified_split(y, cfg.val_fraction, min_cells=MIN_SPLIT_CELLS, seed=seed)
+    if len(va) == 0:  # nothing splittable (every class tiny): early-stop on the training cells
+        va = tr
     Xt, yt = torch.as_tensor(X[tr]), torch.as_tensor(y[tr], dtype=torch.long)
     Xv, yv = torch.as_tensor(X[va]), torch.as_tensor(y[va], dtype=torch.long)
     bs = cfg.batch_size or int(np.clip(len(tr) // 8, 32, 256))
@@ -113,7 +192,7 @@ def fit_network(
 
     best, best_loss, stale = None, math.inf, 0
     history: dict = {"train_loss": [], "val_loss": [], "val_acc": []}
-    bar = tqdm(range(epochs), desc="training", disable=not progress, leave=False)
+    bar = tqdm(range(epochs), desc="training", disable=None if progress else True, leave=False)
     for epoch in bar:
         net.train()
         perm = torch.randperm(len(tr), generator=gen)

@@ -1,6 +1,6 @@
-"""Confidence scores, threshold calibration and the "Unknown" label."""
+"""Novelty scores, the Unknown decision (conformal p-values at a false discovery rate)."""
 
-from spikgpt.openset.calibration import UNKNOWN, calibrate_threshold, reject
+from spikgpt.openset.decision import DEFAULT_FDR, UNKNOWN, Decision, check_fdr, decide, reject
 from spikgpt.openset.scores import confidence_from_logits
 
-__all__ = ["UNKNOWN", "calibrate_threshold", "confidence_from_logits", "reject"]
+__all__ = ["DEFAULT_FDR", "UNKNOWN", "Decision", "check_fdr", "confidence_from_logits", "decide", "reject"]

@@ -22,20 +22,9 @@ Every score is "higher = more novel" and is computed from the trained model only
     Distance of the cell's per-layer firing-rate profile from the mean profile of its predicted
     class, in units of that class's spread.
 
-``combined`` turns each chosen score into its percentile among held-out calibration cells,
-averages each percentile over the cell's ``neighbours`` nearest query cells (itself included) and
-takes the maximum: a cell is Unknown when *some* signal is more extreme, around it, than for all
-but ``target_frr`` of single new cells of known types; ``obs["spikgpt_unknown_reason"]`` names it.
-
-Why the neighbourhood average (what CellTypist's majority voting does for labels): an unseen type
-is a *group* of query cells that are all unusual, whereas a known cell's percentile is noise
-around the middle. Averaging over the query's own k-nearest-neighbour graph lifts the AUROC and,
-because a batch shift moves scores less than a new type does, it cuts false rejection across
-studies (measured in the README: pancreas cross-study 13 % → 1 % false Unknown). The threshold is
-still the ``1 - target_frr`` quantile of *single* held-out reference cells, so on new cells of
-known types the rejection rate is at most about ``target_frr`` and, within a dataset, well below
-it. A cell's novelty therefore depends on the other query cells; ``neighbours=1`` scores every
-cell on its own.
+``combined`` (the default, :data:`DEFAULT_COMBINATION`) tests several scores at once: see
+:mod:`spikgpt.openset.decision`, which turns scores into conformal p-values against held-out
+calibration cells and decides ``Unknown`` at a false discovery rate.
 """
 
 from __future__ import annotations
@@ -59,10 +48,9 @@ SCORES = (
     "gaussian_embedding",
     "firing",
 )
-DEFAULT_COMBINATION = ("knn_embedding", "gaussian_embedding", "max_prob")
+#: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py; README "Unknown").
+DEFAULT_COMBINATION = ("max_prob",)
 K_NEIGHBOURS = 10
-DEFAULT_QUERY_NEIGHBOURS = 15
-MAX_ANCHORS = 10_000
 
 
 @dataclass
@@ -101,7 +89,6 @@ class NoveltyScorer:
         self.max_reference_cells, self.k = max_reference_cells, k
         self.state: dict[str, np.ndarray] = {}
         self._nn: dict[str, NearestNeighbors] = {}
-        self._sorted: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ fitting
     def fit(self, out: CellOutputs, y: np.ndarray, *, seed: int = 0) -> NoveltyScorer:
@@ -140,15 +127,10 @@ class NoveltyScorer:
         """Store every score of held-out reference cells, for percentiles and thresholds."""
         for name, v in self.raw_scores(out).items():
             self.state[f"cal_{name}"] = v.astype(np.float32)
-        self._sorted = {}
 
-    def threshold(self, method: str, components: tuple[str, ...], target_frr: float) -> float:
-        """Novelty above which a share ``target_frr`` of the calibration cells lies."""
-        from spikgpt.openset.calibration import calibrate_threshold
-
-        cal = {n: self.state[f"cal_{n}"] for n in SCORES}
-        novelty, _ = self.combine(cal, method, components)
-        return calibrate_threshold(novelty, target_frr)
+    def calibration_scores(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The stored scores ``names`` of the held-out calibration cells."""
+        return {n: self.state[f"cal_{n}"] for n in names}
 
     # ------------------------------------------------------------------ scoring
     def _knn(self, space: str, X: np.ndarray) -> np.ndarray:
@@ -196,50 +178,6 @@ class NoveltyScorer:
         z = (out.firing - self.state["firing_mean"][pred]) / self.state["firing_std"][pred]
         return np.sqrt((z**2).mean(axis=1))
 
-    def names_of(self, method: str, components: tuple[str, ...]) -> tuple[str, ...]:
-        """The scores ``method`` needs (its components for ``"combined"``), validated."""
-        names = components if method == "combined" else (method,)
-        unknown = [n for n in names if n not in SCORES]
-        if unknown:
-            msg = f"Unknown novelty score(s) {unknown}; choose from {('combined', *SCORES)}."
-            raise ValueError(msg)
-        return tuple(names)
-
-    def percentile(self, name: str, values: np.ndarray) -> np.ndarray:
-        """Share of calibration cells whose score ``name`` is below ``values`` (0..1)."""
-        if name not in self._sorted:
-            self._sorted[name] = np.sort(self.state[f"cal_{name}"])
-        cal = self._sorted[name]
-        return np.searchsorted(cal, values, side="left") / len(cal)
-
-    def combine(
-        self,
-        raw: dict[str, np.ndarray],
-        method: str,
-        components: tuple[str, ...],
-        neighbours: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Novelty in [0, 1] from raw scores, and per cell the score responsible.
-
-        Parameters
-        ----------
-        raw
-            Output of :meth:`raw_scores`.
-        method
-            A name from :data:`SCORES` (its percentile) or ``"combined"``.
-        components
-            The scores ``combined`` takes the maximum percentile of.
-        neighbours
-            ``[n, k]`` indices of every cell's nearest query cells (:func:`query_neighbours`):
-            each percentile is averaged over them before the maximum. ``None``: cell by cell.
-        """
-        names = self.names_of(method, components)
-        P = np.stack([self.percentile(n, raw[n]) for n in names], axis=1)
-        if neighbours is not None:
-            P = P[neighbours].mean(axis=1)
-        best = P.argmax(axis=1)
-        return P[np.arange(len(P)), best], np.asarray(names, dtype=object)[best]
-
     def arrays(self) -> dict[str, np.ndarray]:  # noqa: D102
         return dict(self.state)
 
@@ -249,6 +187,16 @@ class NoveltyScorer:
         scorer = cls(max_reference_cells, k)
         scorer.state = dict(arrays)
         return scorer
+
+
+def score_names(method: str, components: tuple[str, ...]) -> tuple[str, ...]:
+    """The scores ``method`` needs (its components for ``"combined"``), validated."""
+    names = components if method == "combined" else (method,)
+    unknown = [n for n in names if n not in SCORES]
+    if unknown:
+        msg = f"Unknown novelty score(s) {unknown}; choose from {('combined', *SCORES)}."
+        raise ValueError(msg)
+    return tuple(names)
 
 
 def class_covariances(X: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -262,33 +210,3 @@ def class_covariances(X: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarra
     return np.stack(
         [(LedoitWolf().fit(X[y == c]).covariance_ if (y == c).sum() > 1 else pooled) + ridge for c in range(n_classes)]
     )
-
-
-def query_neighbours(embedding: np.ndarray, k: int = DEFAULT_QUERY_NEIGHBOURS, *, seed: int = 0) -> np.ndarray | None:
-    """Indices of every cell's ``k`` nearest query cells in the standardised embedding.
-
-    Neighbours are searched among all cells (each cell is then one of its own neighbours) or, for
-    queries of more than :data:`MAX_ANCHORS` cells, among a seeded random sample of that many, so
-    the cost stays linear in the number of cells.
-
-    Parameters
-    ----------
-    embedding
-        ``[n, d]`` standardised embedding of the query cells.
-    k
-        Neighbourhood size; ``k <= 1`` (or a single cell) means no neighbourhood (``None``).
-    seed
-        Seed of the anchor sample.
-
-    Returns
-    -------
-    ``[n, min(k, n_anchors)]`` row indices into ``embedding``, or ``None``.
-    """
-    n = len(embedding)
-    if k <= 1 or n <= 1:
-        return None
-    anchors = np.arange(n)
-    if n > MAX_ANCHORS:
-        anchors = np.sort(np.random.default_rng(seed).choice(n, MAX_ANCHORS, replace=False))
-    nn = NearestNeighbors(n_neighbors=min(k, len(anchors))).fit(embedding[anchors])
-    return anchors[nn.kneighbors(embedding, return_distance=False)]

@@ -1,0 +1,105 @@
+"""Mapping the query onto the reference before classification and novelty scoring.
+
+A batch, protocol or condition effect that adds a gene-specific offset to log expression moves
+every cell by the same vector after a linear embedder (the default HVG → scaling → PCA). spikgpt
+estimates that vector from **mutual nearest neighbours** between query and reference cells
+(Haghverdi et al. 2018): a query cell and a reference cell that are each among the other's
+``k`` nearest are taken to be the same kind of cell, and the median of their differences is the
+shift. It is re-estimated after moving the query (a few rounds, as in iterative closest point)
+because under a strong shift the first pairs are the facing edges of the two clouds.
+
+Why a single translation and not a per-cell correction: it cannot align a new cell type away
+(every query cell moves by the same vector, so a group that is far from every reference type
+stays far), and it needs nothing from the reference but the sample of reference embeddings the
+model already stores for novelty scoring. Cell types absent from the query do not bias it
+(pairs form only where both sides have cells).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.neighbors import NearestNeighbors
+
+#: Neighbours searched on each side for mutual pairs.
+K_MUTUAL = 20
+#: Rounds of re-estimation.
+ROUNDS = 5
+#: Query cells used to estimate the shift (a seeded sample beyond this).
+MAX_QUERY_CELLS = 5000
+
+
+@dataclass
+class Mapping:
+    """A translation of the standardised embedding, from the query towards the reference."""
+
+    shift: np.ndarray  # [d] subtracted from every query cell
+    n_pairs: int  # mutual pairs in the last round
+    rounds: int
+    matched: np.ndarray  # [n] bool: query cells in a mutual pair in the last round (False where not sampled)
+
+    @property
+    def norm(self) -> float:
+        """Length of the shift (standardised-embedding units)."""
+        return float(np.linalg.norm(self.shift))
+
+
+def mutual_pairs(query: np.ndarray, reference: np.ndarray, k: int = K_MUTUAL) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` where query cell ``i`` and reference cell ``j`` are mutual k-nearest neighbours."""
+    kq, kr = min(k, len(reference)), min(k, len(query))
+    to_ref = NearestNeighbors(n_neighbors=kq).fit(reference).kneighbors(query, return_distance=False)
+    to_query = NearestNeighbors(n_neighbors=kr).fit(query).kneighbors(reference, return_distance=False)
+    iq = np.repeat(np.arange(len(query)), kq)
+    jr = to_ref.ravel()
+    back = (to_query[jr] == iq[:, None]).any(axis=1)
+    return iq[back], jr[back]
+
+
+def estimate_mapping(
+    query: np.ndarray, reference: np.ndarray, *, k: int = K_MUTUAL, rounds: int = ROUNDS, seed: int = 0
+) -> Mapping:
+    """Estimate the translation that brings ``query`` onto ``reference``.
+
+    Parameters
+    ----------
+    query
+        ``[n, d]`` standardised embedding of the query cells.
+    reference
+        ``[m, d]`` standardised embedding of reference cells (the model's stored sample).
+    k
+        Neighbours on each side for mutual pairs.
+    rounds
+        Re-estimation rounds (stops early once the update is below 1 % of the shift).
+    seed
+        Seed of the query sample when there are more than :data:`MAX_QUERY_CELLS` cells.
+
+    Returns
+    -------
+    The :class:`Mapping`; a zero shift when fewer than 2 query or reference cells are given.
+    ``matched`` marks the query cells that have a reference counterpart (a mutual pair):
+    they are known types (up to the edges of a new one), which the Unknown decision uses to
+    estimate how far known query cells are shifted.
+    """
+    n, d = query.shape
+    matched = np.zeros(n, dtype=bool)
+    if n < 2 or len(reference) < 2:
+        return Mapping(np.zeros(d, np.float32), 0, 0, matched)
+    rows = np.arange(n)
+    if n > MAX_QUERY_CELLS:
+        rows = np.sort(np.random.default_rng(seed).choice(n, MAX_QUERY_CELLS, replace=False))
+        query = query[rows]
+    shift = np.zeros(d)
+    n_pairs, done, iq = 0, 0, np.zeros(0, dtype=int)
+    for _ in range(rounds):
+        done += 1
+        iq, jr = mutual_pairs(query - shift, reference, k)
+        n_pairs = len(iq)
+        if n_pairs == 0:
+            break
+        step = np.median((query - shift)[iq] - reference[jr], axis=0)
+        shift = shift + step
+        if np.linalg.norm(step) <= 0.01 * max(np.linalg.norm(shift), 1e-12):
+            break
+    matched[rows[iq]] = True
+    return Mapping(shift.astype(np.float32), int(n_pairs), done, matched)

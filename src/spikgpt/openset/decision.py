@@ -1,0 +1,235 @@
+"""The Unknown decision: conformal p-values, a shift-robust null and Benjamini–Hochberg.
+
+A query cell is ``Unknown`` when the test "this cell is of a type the reference contains" is
+rejected while the false discovery rate over the query is held at the level the user sets
+(``fdr``, default 0.10: at most about a tenth of the Unknown calls are cells of known types).
+
+1. **Conformal p-values** (Bates, Candès, Lei, Romano & Sesia 2023). Every novelty score of a
+   query cell is compared with the same score of held-out reference cells that no fitted step
+   has seen; ``p = (1 + #{calibration ≥ score}) / (n + 1)``. Beyond the largest calibration
+   score, an exponential tail fitted to the calibration cells' upper ``TAIL`` share (peaks over
+   threshold) continues the p-value, so a cell far outside the reference gets one below
+   ``1 / (n + 1)``: with a few hundred calibration cells the plain conformal p-value cannot go
+   lower, and Benjamini–Hochberg over thousands of query cells would then reject nothing.
+2. **Several scores, one p-value.** Each score's p-value becomes ``−log p``; the cell's
+   statistic is the largest of them, itself calibrated the same way on the calibration cells
+   (so the maximum over scores costs no extra false calls).
+3. **Shift is not novelty.** When the query as a whole sits away from the reference (batch,
+   protocol, stimulation), all its cells get small p-values. Under the null ``−log p`` is
+   exponential(1), with median ``log 2`` and quartile spread ``log 2 − log(4/3)``. If the query's
+   median exceeds ``log 2``, its lower half (known cells, as long as fewer than half of the query
+   cells are of unseen types) estimates the shift: ``−log p`` is re-centred and re-scaled so that
+   the query's median and lower quartile sit where the null's do. Nothing is ever made *more*
+   novel, so a query without shift is tested exactly as in 1–2.
+4. **Benjamini–Hochberg** over the query's cells at level ``fdr``.
+
+Guarantee and its limits: under exchangeability of known query cells with the calibration cells
+(no shift), conformal p-values are valid and Benjamini–Hochberg controls the FDR (Bates et al.,
+Theorem 2); the exponential tail is an approximation beyond the calibration data, and the shift
+correction assumes a minority of unseen cells. ``spikgpt bench`` measures the FDR reached on
+every task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+UNKNOWN = "Unknown"
+#: Share of calibration cells whose scores define the exponential tail.
+TAIL = 0.2
+#: Default false discovery rate of the Unknown calls.
+DEFAULT_FDR = 0.10
+_LOG2 = float(np.log(2.0))
+_NULL_SPREAD = float(np.log(2.0) - np.log(4.0 / 3.0))  # median − lower quartile of exponential(1)
+
+
+@dataclass
+class Decision:
+    """Outcome of :func:`decide` for n query cells."""
+
+    pvalue: np.ndarray  # [n] p-value after the shift correction
+    qvalue: np.ndarray  # [n] Benjamini–Hochberg adjusted p-value
+    unknown: np.ndarray  # [n] bool, Unknown at the FDR level (q <= fdr)
+    reason: np.ndarray  # [n] the score with the smallest p-value
+    shift: dict  # the estimated global shift (location, scale) in −log p units
+
+
+def neglog_pvalues(
+    x: np.ndarray, calibration: np.ndarray, tail: float = TAIL, *, grid: str = "conformal"
+) -> np.ndarray:
+    """``−log`` of conformal p-values of ``x`` against ``calibration``, with an exponential tail.
+
+    Computed on the log scale so that a cell far outside the reference keeps a finite,
+    ordered statistic instead of a p-value that underflows to 0.
+
+    Parameters
+    ----------
+    x
+        Scores of the cells to test (higher = more novel).
+    calibration
+        The same score of held-out reference cells.
+    tail
+        Share of the calibration cells (the highest) to which the exponential tail is fitted.
+    grid
+        ``"conformal"``: ``(1 + #{calibration ≥ x}) / (n + 1)``. ``"loo"``: ``x`` are the
+        calibration cells themselves, each compared with the others, ``#{calibration ≥ x} / n``
+        (itself included). ``"matched"``: new cells on the same grid as ``"loo"``,
+        ``max(#{calibration ≥ x}, 1) / n``, so that a statistic built from several scores
+        (:func:`combined_statistic`) takes the same values for a new cell and a calibration cell
+        of the same ranks; mixing grids would break ties in favour of calling new cells novel.
+
+    Returns
+    -------
+    ``[len(x)]`` values ``−log p >= 0``.
+    """
+    cal = np.sort(np.asarray(calibration, dtype=np.float64))
+    n = len(cal)
+    x = np.asarray(x, dtype=np.float64)
+    at_least = n - np.searchsorted(cal, x, side="left")  # calibration cells >= x (itself included if LOO)
+    if grid == "conformal":
+        p = (1.0 + at_least) / (n + 1.0)
+    else:  # "loo" counts the cell itself; "matched" puts new cells on that grid
+        p = np.maximum(at_least, 1) / n
+    L = -np.log(np.clip(p, 1e-300, 1.0))
+    n_tail = max(int(np.ceil(tail * n)), 2)
+    if n < 5 or n_tail >= n:
+        return L
+    start = cal[n - n_tail - 1]
+    scale = max(float((cal[n - n_tail :] - start).mean()), 1e-12)
+    # (n_tail + 1) / (n + 1) cells are at least as extreme at ``start``; the fitted tail is used
+    # only beyond the largest calibration score, where the plain p-value stops at 1 / (n + 1):
+    # inside the calibration range the p-value stays exactly conformal (and so valid).
+    L_tail = -np.log((n_tail + 1.0) / (n + 1.0)) + (x - start) / scale
+    return np.where(x > cal[-1], np.maximum(L, L_tail), L)
+
+
+def tail_pvalues(x: np.ndarray, calibration: np.ndarray, tail: float = TAIL) -> np.ndarray:
+    """Conformal p-values with an exponential tail (``exp`` of :func:`neglog_pvalues`)."""
+    return np.exp(-neglog_pvalues(x, calibration, tail))
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values: a cell is rejected at level ``fdr`` iff ``q <= fdr``."""
+    p = np.asarray(p, dtype=np.float64)
+    n = len(p)
+    if n == 0:
+        return np.zeros(0)
+    order = np.argsort(p, kind="stable")
+    ranked = p[order] * n / np.arange(1, n + 1)
+    q = np.empty(n)
+    q[order] = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    return q
+
+
+def combined_statistic(
+    scores: dict[str, np.ndarray],
+    calibration: dict[str, np.ndarray],
+    names: tuple[str, ...],
+    *,
+    grid: str = "matched",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Largest ``−log p`` over the scores ``names`` and, per cell, which score it came from."""
+    L = np.stack([neglog_pvalues(scores[n], calibration[n], grid=grid) for n in names], axis=1)
+    best = L.argmax(axis=1)
+    return L[np.arange(len(L)), best], np.asarray(names, dtype=object)[best]
+
+
+def calibration_statistic(calibration: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    """:func:`combined_statistic` of every calibration cell against the other calibration cells."""
+    return combined_statistic(calibration, calibration, names, grid="loo")[0]
+
+
+SHIFT_MODES = ("none", "location", "quartile", "scale", "gated")
+#: ``"gated"``: "scale", but only for a shift of the known cells' median ``−log p`` above this.
+GATE = 1.0
+#: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py), estimated on mapped-matched cells.
+DEFAULT_SHIFT = "scale"
+_LOG43 = float(np.log(4.0 / 3.0))  # lower quartile of exponential(1)
+
+
+def shift_correction(
+    neglog_p: np.ndarray, mode: str = "scale", null_cells: np.ndarray | None = None
+) -> tuple[np.ndarray, dict]:
+    """Re-centre (``"location"``) and re-scale (``"scale"``) ``−log p`` when the query's lower half is shifted.
+
+    With ``null_cells`` (a boolean mask of query cells known to have a reference counterpart,
+    e.g. :attr:`spikgpt.mapping.Mapping.matched`) the shift is estimated on them alone, so a
+    large group of new cells does not pass for a shift.
+    """
+    L = np.asarray(neglog_p, dtype=np.float64)
+    none = {"location": 0.0, "scale": 1.0}
+    ref = L if null_cells is None or null_cells.sum() < 10 else L[null_cells]
+    if mode == "none" or len(ref) < 10:
+        return L, none
+    q25, q50 = np.quantile(ref, [0.25, 0.5])
+    if mode == "quartile":  # location from the lower quartile: robust to up to ~70 % unseen cells
+        if q25 <= _LOG43:
+            return L, none
+        return np.maximum(np.minimum(L, L - q25 + _LOG43), 0.0), {"location": float(q25 - _LOG43), "scale": 1.0}
+    if q50 <= _LOG2 or (mode == "gated" and q50 - _LOG2 <= GATE):
+        return L, none
+    scale = max((q50 - q25) / _NULL_SPREAD, 1.0) if mode in ("scale", "gated") else 1.0
+    corrected = np.minimum(L, (L - q50) / scale + _LOG2)
+    return np.maximum(corrected, 0.0), {"location": float(q50 - _LOG2), "scale": float(scale)}
+
+
+def decide(
+    scores: dict[str, np.ndarray],
+    calibration: dict[str, np.ndarray],
+    names: tuple[str, ...],
+    *,
+    fdr: float = DEFAULT_FDR,
+    calibration_statistics: np.ndarray | None = None,
+    shift: str = DEFAULT_SHIFT,
+    null_cells: np.ndarray | None = None,
+) -> Decision:
+    """Unknown calls for query cells at false discovery rate ``fdr``.
+
+    Parameters
+    ----------
+    scores
+        Raw novelty scores of the query cells (higher = more novel), by name.
+    calibration
+        The same scores of held-out reference cells.
+    names
+        The scores to combine.
+    fdr
+        Target false discovery rate of the Unknown calls, in (0, 1); 0 calls nothing Unknown.
+    calibration_statistics
+        :func:`calibration_statistic` of the calibration cells, if already computed.
+    shift
+        Correct a global shift of the query (step 3 of the module docs): ``"none"``,
+        ``"location"`` or ``"scale"`` (location and scale).
+    null_cells
+        Query cells with a reference counterpart, on which the shift is estimated (see
+        :func:`shift_correction`); all cells when ``None``.
+
+    Returns
+    -------
+    :class:`Decision`.
+    """
+    check_fdr(fdr)
+    stat, reason = combined_statistic(scores, calibration, names)
+    if calibration_statistics is None:
+        calibration_statistics = calibration_statistic(calibration, names)
+    L = neglog_pvalues(stat, calibration_statistics)
+    L, info = shift_correction(L, shift, null_cells)
+    p = np.exp(-L)
+    q = bh_qvalues(p)  # ties at p = 0 (beyond float range) are all rejected together, as they should
+    return Decision(p, q, (q <= fdr) & (fdr > 0), reason, info)
+
+
+def check_fdr(fdr: float) -> None:
+    """Raise ``ValueError`` unless ``fdr`` is in [0, 1)."""
+    if not 0 <= fdr < 1:
+        msg = f"fdr must be in [0, 1) (the share of Unknown calls allowed to be known cells, e.g. 0.1), got {fdr}."
+        raise ValueError(msg)
+
+
+def reject(raw_labels: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """``raw_labels`` with ``Unknown`` where ``unknown`` is true (a new array)."""
+    labels = np.asarray(raw_labels, dtype=object).copy()
+    labels[np.asarray(unknown, dtype=bool)] = UNKNOWN
+    return labels

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+
+from spikgpt.openset.decision import (
+    bh_qvalues,
+    calibration_statistic,
+    check_fdr,
+    decide,
+    neglog_pvalues,
+    reject,
+    shift_correction,
+)
+
+
+def test_conformal_pvalues_are_uniform_for_exchangeable_cells_and_tail_goes_below_one_over_n():
+    rng = np.random.default_rng(0)
+    # valid marginally, over calibration draws (one calibration set can be off by ~sqrt(level / n))
+    p = np.concatenate(
+        [np.exp(-neglog_pvalues(rng.gamma(2.0, 1.0, 2000), rng.gamma(2.0, 1.0, 300))) for _ in range(40)]
+    )
+    for level in (0.01, 0.05, 0.1, 0.5):
+        assert (p <= level).mean() <= level * 1.1 + 0.001, level
+        assert (p <= level).mean() >= level * 0.8, level  # and not needlessly conservative
+    cal = rng.gamma(2.0, 1.0, 300)
+    far = np.exp(-neglog_pvalues(np.array([cal.max() * 3]), cal))
+    assert far[0] < 1 / 301  # the exponential tail resolves beyond the calibration cells
+
+
+def test_bh_qvalues_match_the_step_up_rule():
+    rng = np.random.default_rng(1)
+    p = rng.uniform(size=500) ** 2
+    q = bh_qvalues(p)
+    for fdr in (0.05, 0.1, 0.2):
+        order = np.sort(p)
+        passed = np.flatnonzero(order <= fdr * np.arange(1, 501) / 500)
+        expected = 0 if len(passed) == 0 else passed.max() + 1
+        assert (q <= fdr).sum() == expected
+
+
+@pytest.mark.parametrize("fdr", [0.05, 0.1, 0.2])
+def test_fdr_is_controlled_over_repeated_draws(fdr):
+    """Known cells exchangeable with the calibration cells, unseen cells shifted: mean FDP <= fdr."""
+    rng = np.random.default_rng(2)
+    fdps, powers = [], []
+    for _ in range(200):
+        cal = {"a": rng.normal(size=200), "b": rng.exponential(size=200)}
+        known = {"a": rng.normal(size=450), "b": rng.exponential(size=450)}
+        new = {"a": rng.normal(4.0, 1.0, 50), "b": rng.exponential(size=50) + 3.0}
+        q = {k: np.concatenate([known[k], new[k]]) for k in cal}
+        d = decide(q, cal, ("a", "b"), fdr=fdr, shift="none")
+        called = d.unknown
+        fdps.append(called[:450].sum() / max(called.sum(), 1))
+        powers.append(called[450:].mean())
+    assert np.mean(fdps) <= fdr * 1.15 + 0.005  # BH: E[FDP] <= fdr · share of known cells
+    assert np.mean(powers) > 0.5
+
+
+def test_three_far_cells_are_rejected_and_nothing_else():
+    rng = np.random.default_rng(3)
+    cal = {"a": rng.normal(size=300)}
+    q = {"a": np.concatenate([rng.normal(size=997), [12.0, 13.0, 14.0]])}
+    d = decide(q, cal, ("a",), fdr=0.1)
+    assert d.unknown[-3:].all() and d.unknown[:-3].sum() <= 2
+    assert set(d.reason) == {"a"}
+
+
+def test_a_query_shifted_as_a_whole_is_not_called_unknown():
+    rng = np.random.default_rng(4)
+    cal = {"a": rng.gamma(2.0, 1.0, 300)}
+    shifted = rng.gamma(2.0, 1.0, 1000) * 2.5 + 6.0  # every cell far from the calibration cells
+    assert decide({"a": shifted}, cal, ("a",), fdr=0.1, shift="none").unknown.mean() > 0.9
+    d = decide({"a": shifted}, cal, ("a",), fdr=0.1)
+    assert d.unknown.mean() <= 0.05 and d.shift["location"] > 0
+    # with a far group inside the shifted query, the group still stands out
+    with_group = np.concatenate([shifted, rng.gamma(2.0, 1.0, 30) * 2.5 + 60.0])
+    d = decide({"a": with_group}, cal, ("a",), fdr=0.1)
+    assert d.unknown[-30:].mean() >= 0.9 and d.unknown[:-30].mean() <= 0.05
+
+
+def test_shift_is_estimated_on_matched_cells_only():
+    rng = np.random.default_rng(5)
+    L = np.concatenate([rng.exponential(size=300), rng.exponential(size=700) + 10])  # 70 % new, no shift
+    matched = np.zeros(1000, bool)
+    matched[:300] = True
+    unmatched_estimate, info = shift_correction(L, "scale")
+    assert info["location"] > 5  # taken over by the large new group
+    corrected, info = shift_correction(L, "scale", matched)
+    assert info["location"] < 0.3 and (corrected[300:] > 8).all()
+
+
+def test_calibration_statistic_and_errors():
+    cal = {"a": np.arange(50.0), "b": np.arange(50.0)[::-1]}
+    stat = calibration_statistic(cal, ("a", "b"))
+    assert stat.shape == (50,) and np.isfinite(stat).all()
+    with pytest.raises(ValueError, match="fdr must be in"):
+        check_fdr(1.0)
+    assert list(reject(np.array(["x", "y"]), np.array([True, False]))) == ["Unknown", "y"]
