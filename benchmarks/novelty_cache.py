@@ -40,7 +40,14 @@ def scenarios(data_root: Path):
         rest = np.flatnonzero(labels != typ)
         r, q = train_test_split(rest, test_size=0.3, stratify=labels[rest], random_state=0)
         q = np.concatenate([q, np.flatnonzero(labels == typ)])
-        yield "pbmc68k", f"pbmc68k_loto_{typ}", full[np.sort(r)].copy(), full[np.sort(q)].copy(), t.label_key, t.input_kw
+        yield (
+            "pbmc68k",
+            f"pbmc68k_loto_{typ}",
+            full[np.sort(r)].copy(),
+            full[np.sort(q)].copy(),
+            t.label_key,
+            t.input_kw,
+        )
     pairs = [
         ("pancreas", "pancreas_xin_to_wang", True),
         ("cellbench", "cellbench_3cl_to_5cl", False),
@@ -68,15 +75,18 @@ def scenarios(data_root: Path):
 
 def cache_one(model, query, label_key, input_kw) -> dict:
     """The query's embedding (before the model's scaling), truth and the model's classes."""
-    E = model.embedder.transform(Cells(query, **input_kw))
+    cells = Cells(query, **input_kw)
+    E = model.embedder.transform(cells)
+    residual = model.embedder.residual(cells)
     return {
         "q_embedding": E.astype(np.float32),
+        "q_residual": (np.zeros(len(E)) if residual is None else residual).astype(np.float32),
         "q_truth": np.asarray(query.obs[label_key].astype(str).to_numpy(), dtype=str),
         "classes": np.asarray(model.classes, dtype=str),
     }
 
 
-def main() -> None:  # noqa: D103
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/novelty_cache"))
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
@@ -98,7 +108,10 @@ def main() -> None:  # noqa: D103
             model.save(f.with_suffix(""), overwrite=True)
             np.savez_compressed(f, dataset=dataset, **data)
             unseen = ~np.isin(data["q_truth"], data["classes"])
-            print(f"{name} seed {seed}: {unseen.sum()} unseen of {len(unseen)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"{name} seed {seed}: {unseen.sum()} unseen of {len(unseen)} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

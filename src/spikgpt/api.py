@@ -98,7 +98,10 @@ def _embedded_outputs(model: SpikGPTModel, cells: Cells) -> tuple[CellOutputs, n
     """Model outputs of the cells the embedder could embed, and which those were."""
     E = model.embedder.transform(cells)
     ok = np.isfinite(E).all(axis=1)
-    return model.outputs(E[ok]), ok
+    out = model.outputs(E[ok])
+    residual = model.embedder.residual(cells)
+    out.residual = None if residual is None else residual[ok]
+    return out, ok
 
 
 def train(
@@ -321,7 +324,7 @@ def annotate(
         "novelty_components": list(score_names(method, model.novelty_components)),
         "fdr": fdr,
         "mapping": {
-            "applied": bool(model.mapping if mapping is None else mapping),
+            "applied": m is not None,
             "shift_norm": 0.0 if m is None else m.norm,
             "mutual_pairs": 0 if m is None else m.n_pairs,
         },

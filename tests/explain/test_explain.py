@@ -43,3 +43,18 @@ def test_energy_report_on_pbmc(pbmc, pbmc_model):
         rep["energy_ratio_twin_over_spiking"], rep["twin"]["energy_pj_per_cell"] / rep["spiking"]["energy_pj_per_cell"]
     )
     assert "not a CPU measurement" in markdown(rep) and rep["cpu_seconds_per_cell"]["spiking"] > 0
+
+
+def test_evidence_is_signed_against_the_reference_mean(pbmc, pbmc_model):
+    """Genes above the reference mean that support a call are reported apart from genes whose
+    *absence* supports it (the pancreas failure: beta markers listed as evidence for alpha)."""
+    res = spikgpt.explain(pbmc, pbmc_model, use_raw=True, n_top=TOP)
+    assert "reference mean" in res["baseline"]
+    others = set().union(*(m for c, m in MARKERS.items() if c != "CD19+ B"))
+    b_above = set(res["top_genes"]["CD19+ B"]["feature"])
+    b_below = set(res["top_genes_below"]["CD19+ B"]["feature"])
+    assert len(b_above & MARKERS["CD19+ B"]) >= 2 and not b_above & others
+    assert b_above.isdisjoint(b_below)
+    assert all(a > 0 for a in res["top_genes_below"]["CD19+ B"]["attribution"])
+    assert all(a < 0 for v in res["top_genes_against"].values() for a in v["attribution"])
+    del pbmc.uns["spikgpt_explain"]

@@ -10,7 +10,8 @@ def outputs(X: np.ndarray) -> CellOutputs:
     """A toy model: class A for x0 > 0, B for x0 < 0; confidence grows with |x0|."""
     logits = torch.as_tensor(np.stack([X[:, 0], -X[:, 0]], axis=1), dtype=torch.float32)
     firing = 1 / (1 + np.exp(-X[:, :2]))
-    return CellOutputs(logits.expand(4, -1, -1), X.astype(np.float32), X.astype(np.float32), firing)
+    residual = X[:, -1] ** 2  # a toy "off the embedding" signal
+    return CellOutputs(logits.expand(4, -1, -1), X.astype(np.float32), X.astype(np.float32), firing, residual)
 
 
 @pytest.fixture(scope="module")

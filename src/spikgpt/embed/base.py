@@ -29,6 +29,10 @@ class Embedder(ABC):
     def transform(self, cells: Cells) -> np.ndarray:
         """Embed ``cells``: float32 ``[n_obs, dim]``; NaN rows for cells that cannot be embedded."""
 
+    def residual(self, cells: Cells) -> np.ndarray | None:
+        """Per cell, what the embedding cannot represent (``None`` when the embedder has no such measure)."""
+        return None
+
     @property
     @abstractmethod
     def dim(self) -> int:

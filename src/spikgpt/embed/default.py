@@ -102,6 +102,19 @@ class DefaultEmbedder(Embedder):
         return np.clip((dense - mean) / std, -10, 10, out=dense)
 
     def transform(self, cells: Cells) -> np.ndarray:  # noqa: D102
+        return self._project(cells, residual=False)
+
+    def residual(self, cells: Cells) -> np.ndarray:
+        """Mean squared scaled expression off the reference's principal subspace, per cell.
+
+        A new cell type often differs in genes that vary little in the reference, which PCA
+        of the reference all but ignores: its embedding then sits among known cells. The part of
+        the scaled gene vector that the components do not span sees it (issue-11 signal
+        "outside the embedding").
+        """
+        return self._project(cells, residual=True)
+
+    def _project(self, cells: Cells, *, residual: bool) -> np.ndarray:
         if self.components is None:
             msg = "The embedder is not fitted yet."
             raise RuntimeError(msg)
@@ -110,11 +123,15 @@ class DefaultEmbedder(Embedder):
             mean, std = _moments(X)
         else:
             mean, std = self.mean, self.std
-        out = np.empty((X.shape[0], self.dim), dtype=np.float32)
+        out = np.empty(X.shape[0] if residual else (X.shape[0], self.dim), dtype=np.float32)
         for start in range(0, X.shape[0], CHUNK):
             Z = self._scale(X[start : start + CHUNK].toarray(), mean, std)
             Z[:, ~present] = 0.0
-            out[start : start + CHUNK] = Z @ self.components.T
+            E = Z @ self.components.T
+            if residual:
+                out[start : start + CHUNK] = ((Z - E @ self.components) ** 2).mean(axis=1)
+            else:
+                out[start : start + CHUNK] = E
         return out
 
     def config(self) -> dict:  # noqa: D102

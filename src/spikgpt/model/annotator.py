@@ -172,16 +172,13 @@ class SpikGPTModel:
         E_ok = E[embedded]
         mapped = None
         use_mapping = self.mapping if mapping is None else mapping
-        if self.novelty is not None and len(E_ok) > 1:
-            ref = self.novelty.state["ref_embedding"]
-            mapped = estimate_mapping(self.standardise(E_ok), ref)
-            if use_mapping:
-                E_ok = E_ok - mapped.shift * self.input_std
-                # which cells have a reference counterpart once moved: they estimate the residual shift
-                mapped.matched = estimate_mapping(self.standardise(E_ok), ref, rounds=1).matched
-            else:
-                mapped.shift = np.zeros_like(mapped.shift)
+        if self.novelty is not None and use_mapping and len(E_ok) > 1:
+            mapped = estimate_mapping(self.standardise(E_ok), self.novelty.state["ref_embedding"])
+            E_ok = E_ok - mapped.shift * self.input_std
         out = self.outputs(E_ok, progress=progress)
+        if "pca_residual" in names:
+            residual = self.embedder.residual(cells)
+            out.residual = None if residual is None else residual[embedded]
         n = len(E)
         probs = np.zeros((n, len(self.classes)), np.float32)
         probs[embedded] = out.probs
@@ -199,7 +196,6 @@ class SpikGPTModel:
                 fdr=fdr,
                 calibration_statistics=self._calibration_statistic(names),
                 shift=self.shift,
-                null_cells=None if mapped is None else mapped.matched,
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown

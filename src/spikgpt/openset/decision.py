@@ -144,7 +144,7 @@ def calibration_statistic(calibration: dict[str, np.ndarray], names: tuple[str, 
 SHIFT_MODES = ("none", "location", "quartile", "scale", "gated")
 #: ``"gated"``: "scale", but only for a shift of the known cells' median ``−log p`` above this.
 GATE = 1.0
-#: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py), estimated on mapped-matched cells.
+#: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py).
 DEFAULT_SHIFT = "scale"
 _LOG43 = float(np.log(4.0 / 3.0))  # lower quartile of exponential(1)
 

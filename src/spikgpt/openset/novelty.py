@@ -21,6 +21,9 @@ Every score is "higher = more novel" and is computed from the trained model only
 ``firing``
     Distance of the cell's per-layer firing-rate profile from the mean profile of its predicted
     class, in units of that class's spread.
+``pca_residual``
+    What the embedding cannot represent: the mean squared scaled expression off the reference's
+    principal subspace (default embedder only; 0 for others, so it never decides there).
 
 ``combined`` (the default, :data:`DEFAULT_COMBINATION`) tests several scores at once: see
 :mod:`spikgpt.openset.decision`, which turns scores into conformal p-values against held-out
@@ -47,9 +50,10 @@ SCORES = (
     "mahalanobis_embedding",
     "gaussian_embedding",
     "firing",
+    "pca_residual",
 )
 #: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py; README "Unknown").
-DEFAULT_COMBINATION = ("max_prob",)
+DEFAULT_COMBINATION = ("knn_embedding", "max_prob", "pca_residual")
 K_NEIGHBOURS = 10
 
 
@@ -61,6 +65,7 @@ class CellOutputs:
     latent: np.ndarray  # [n, D] time- and token-averaged output spike rates
     embedding: np.ndarray  # [n, d] standardised input embedding
     firing: np.ndarray  # [n, n_layers] firing rate of every spiking layer
+    residual: np.ndarray | None = None  # [n] off-subspace expression (default embedder), see ``pca_residual``
 
     @property
     def probs(self) -> np.ndarray:  # noqa: D102
@@ -71,7 +76,8 @@ class CellOutputs:
         if mask.all():
             return self
         idx = torch.as_tensor(np.flatnonzero(mask))
-        return CellOutputs(self.logits[:, idx], self.latent[mask], self.embedding[mask], self.firing[mask])
+        residual = None if self.residual is None else self.residual[mask]
+        return CellOutputs(self.logits[:, idx], self.latent[mask], self.embedding[mask], self.firing[mask], residual)
 
 
 class NoveltyScorer:
@@ -170,6 +176,7 @@ class NoveltyScorer:
             "mahalanobis_embedding": lambda: self._mahalanobis("embedding", out.embedding),
             "gaussian_embedding": lambda: self._gaussian(out.embedding),
             "firing": lambda: self._firing(out),
+            "pca_residual": lambda: np.zeros(len(out.latent)) if out.residual is None else out.residual,
         }
         return {name: scorers[name]() for name in names}
 
