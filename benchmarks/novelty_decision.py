@@ -138,9 +138,7 @@ def summarise(rows: list[dict]) -> dict:
     """Means over rows, each subsample size weighted equally (it has ``--draws`` rows, ``all`` one)."""
     keys = ("auroc", "recall", "false_unknown", "fdr", "macro_f1")
     sizes = [z for z in ("all", 30, 10, 3) if any(r["size"] == z for r in rows)]
-    out = {
-        k: float(np.nanmean([np.nanmean([r[k] for r in rows if r["size"] == z]) for z in sizes])) for k in keys
-    }
+    out = {k: float(np.nanmean([np.nanmean([r[k] for r in rows if r["size"] == z]) for z in sizes])) for k in keys}
     for size in ("all", 30, 10, 3):
         sub = [r["recall"] for r in rows if r["size"] == size]
         out[f"recall_{size}"] = float(np.mean(sub)) if sub else float("nan")

@@ -132,7 +132,7 @@ def annotate(
         str | None,
         typer.Option(
             help="Novelty score(s) tested: combined (the model's default), max_prob, energy, knn_latent, "
-            "knn_embedding, mahalanobis_latent, mahalanobis_embedding, gaussian_embedding or firing."
+            "knn_embedding, mahalanobis_latent, mahalanobis_embedding, gaussian_embedding, firing or pca_residual."
         ),
     ] = None,
     fdr: Annotated[
