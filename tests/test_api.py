@@ -75,6 +75,11 @@ def test_held_out_type_comes_out_unknown_at_the_fdr():
     called = (query.obs["spikgpt_label"] == UNKNOWN).to_numpy()
     fdp = (called & (query.obs["cell_type"] != "D").to_numpy()).sum() / max(called.sum(), 1)
     assert fdp <= 0.2  # target 0.10 in expectation; one draw
+    # within one study, without the global-shift correction, far more of D is called
+    plain = spikgpt.annotate(query, model, shift="none", copy=True)
+    plain_called = (plain.obs["spikgpt_label"] == UNKNOWN).to_numpy()
+    unseen = (query.obs["cell_type"] == "D").to_numpy()
+    assert plain_called[unseen].mean() >= called[unseen].mean() and plain.uns["spikgpt"]["shift_correction"] == "none"
 
 
 def test_batch_shifted_query_keeps_its_labels_and_a_new_type_stays_apart():

@@ -113,6 +113,7 @@ def test_outputs_and_options_are_checked_before_any_work(pbmc_files, tmp_path, m
         ([*annotate, "--out", str(tmp_path / "o.h5ad"), "--csv", str(tmp_path / "p.tsv")], "must end in .csv"),
         ([*annotate, "--out", str(afile / "o.h5ad")], "not a writable folder"),
         ([*annotate, "--out", str(tmp_path / "o.h5ad")], "does not exist"),
+        ([*annotate, "--out", str(tmp_path / "o.h5ad"), "--shift", "bogus"], "shift must be one of"),
     ]
     for args, message in cases:
         r = runner.invoke(app, args)

@@ -20,6 +20,7 @@ from spikgpt.model.annotator import SpikGPTModel
 from spikgpt.model.network import NetworkConfig
 from spikgpt.model.training import MIN_SPLIT_CELLS, TrainConfig, fit_network, stratified_split
 from spikgpt.openset import DEFAULT_FDR, UNKNOWN, check_fdr, reject
+from spikgpt.openset.decision import SHIFT_MODES
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
 
 logger = logging.getLogger("spikgpt")
@@ -243,6 +244,7 @@ def annotate(
     novelty: str | None = None,
     fdr: float | None = None,
     mapping: bool | None = None,
+    shift: str | None = None,
     key_added: str = "spikgpt",
     copy: bool = False,
     progress: bool = True,
@@ -285,6 +287,11 @@ def annotate(
         nothing ``Unknown``.
     mapping
         Map the query onto the reference first; the model's setting (on) when ``None``.
+    shift
+        Correction of a global shift of the query's p-values (:data:`spikgpt.openset.decision.SHIFT_MODES`);
+        the model's (``"scale"``) when ``None``. ``"none"`` gives far more power when the query
+        is from the reference's own study and many of its cells are new (pbmc68k with B cells
+        held out: 81 % vs 0 % Unknown), at the cost of false Unknown under batch shifts.
     key_added
         Prefix of the keys written.
     copy
@@ -296,6 +303,9 @@ def annotate(
     -------
     The annotated AnnData when ``copy`` is true or a path was given, else ``None``.
     """
+    if shift is not None and shift not in SHIFT_MODES:
+        msg = f"shift must be one of {SHIFT_MODES}, got {shift!r}."
+        raise ValueError(msg)
     from_path = not isinstance(adata, ad.AnnData)
     adata = read(adata)
     if copy and not from_path:
@@ -306,7 +316,7 @@ def annotate(
     method = novelty or model.novelty_method
     t0 = time.perf_counter()
     cells = Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
-    pred = model.predict(cells, novelty=method, fdr=fdr, mapping=mapping, progress=progress)
+    pred = model.predict(cells, novelty=method, fdr=fdr, mapping=mapping, shift=shift, progress=progress)
     labels = reject(pred.raw_label, pred.unknown)
     is_unknown = pred.unknown
     adata.obs[f"{key_added}_label"] = pd.Categorical(labels, categories=[*model.classes, UNKNOWN])
@@ -328,6 +338,7 @@ def annotate(
             "shift_norm": 0.0 if m is None else m.norm,
             "mutual_pairs": 0 if m is None else m.n_pairs,
         },
+        "shift_correction": shift or model.shift,
         "global_shift_removed": pred.shift,
         "classes": list(model.classes),
         "n_unknown": int(is_unknown.sum()),

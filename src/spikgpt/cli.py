@@ -139,6 +139,13 @@ def annotate(
         float | None, typer.Option(help="False discovery rate of Unknown calls (default: the model's, 0.1).")
     ] = None,
     no_mapping: Annotated[bool, typer.Option("--no-mapping", help="Do not map the query onto the reference.")] = False,
+    shift: Annotated[
+        str | None,
+        typer.Option(
+            help="Global-shift correction of p-values: scale (default), none (more power within one study), "
+            "location, quartile or gated."
+        ),
+    ] = None,
     layer: Layer = None,
     use_raw: UseRaw = False,
     gene_key: GeneKey = None,
@@ -150,6 +157,7 @@ def annotate(
     from spikgpt.data import check_output_file, write_atomic, write_h5ad_atomic
     from spikgpt.model import SpikGPTModel
     from spikgpt.openset import check_fdr
+    from spikgpt.openset.decision import SHIFT_MODES
     from spikgpt.openset.novelty import score_names
 
     _setup(quiet)
@@ -158,6 +166,8 @@ def annotate(
         check_output_file(out, ".h5ad", overwrite=overwrite, source=query)
         if csv is not None:
             check_output_file(csv, ".csv", overwrite=overwrite, source=query)
+        if shift is not None and shift not in SHIFT_MODES:
+            raise ValueError(f"shift must be one of {SHIFT_MODES}, got {shift!r}.")
         loaded = SpikGPTModel.load(model)
         if novelty is not None:
             score_names(novelty, loaded.novelty_components)
@@ -172,6 +182,7 @@ def annotate(
             novelty=novelty,
             fdr=fdr,
             mapping=False if no_mapping else None,
+            shift=shift,
             progress=not quiet,
         )
         write_h5ad_atomic(adata, out, overwrite=overwrite)

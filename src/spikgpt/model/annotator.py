@@ -161,6 +161,7 @@ class SpikGPTModel:
         novelty: str | None = None,
         fdr: float | None = None,
         mapping: bool | None = None,
+        shift: str | None = None,
         progress: bool = False,
     ) -> Prediction:
         """Embed, map and classify ``cells`` and decide which are Unknown (see :func:`spikgpt.annotate`)."""
@@ -195,7 +196,7 @@ class SpikGPTModel:
                 names,
                 fdr=fdr,
                 calibration_statistics=self._calibration_statistic(names),
-                shift=self.shift,
+                shift=self.shift if shift is None else shift,
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown
