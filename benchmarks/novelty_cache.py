@@ -76,8 +76,7 @@ def scenarios(data_root: Path):
 def cache_one(model, query, label_key, input_kw) -> dict:
     """The query's embedding (before the model's scaling), truth and the model's classes."""
     cells = Cells(query, **input_kw)
-    E = model.embedder.transform(cells)
-    residual = model.embedder.residual(cells)
+    E, residual = model.embedder.embed(cells)
     return {
         "q_embedding": E.astype(np.float32),
         "q_residual": (np.zeros(len(E)) if residual is None else residual).astype(np.float32),

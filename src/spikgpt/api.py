@@ -20,7 +20,7 @@ from spikgpt.model.annotator import SpikGPTModel
 from spikgpt.model.network import NetworkConfig
 from spikgpt.model.training import MIN_SPLIT_CELLS, TrainConfig, fit_network, stratified_split
 from spikgpt.openset import DEFAULT_FDR, UNKNOWN, check_fdr, reject
-from spikgpt.openset.decision import SHIFT_MODES
+from spikgpt.openset.decision import check_shift
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
 
 logger = logging.getLogger("spikgpt")
@@ -51,6 +51,13 @@ def labels_of(adata: ad.AnnData, label_key: str) -> tuple[np.ndarray, list[str]]
         msg = f"obs[{label_key!r}] has {len(classes)} cell type; a classifier needs at least 2."
         raise InputError(msg)
     return y.astype(np.int64), classes.tolist()
+
+
+def check_calibration_fraction(fraction: float) -> None:
+    """Raise :class:`InputError` unless ``fraction`` is in [0, 1)."""
+    if not 0 <= fraction < 1:
+        msg = f"calibration_fraction (--calibration-fraction) must be in [0, 1), got {fraction}."
+        raise InputError(msg)
 
 
 def _fit_pipeline(
@@ -97,10 +104,9 @@ def _fit_pipeline(
 
 def _embedded_outputs(model: SpikGPTModel, cells: Cells) -> tuple[CellOutputs, np.ndarray]:
     """Model outputs of the cells the embedder could embed, and which those were."""
-    E = model.embedder.transform(cells)
+    E, residual = model.embedder.embed(cells)
     ok = np.isfinite(E).all(axis=1)
     out = model.outputs(E[ok])
-    residual = model.embedder.residual(cells)
     out.residual = None if residual is None else residual[ok]
     return out, ok
 
@@ -175,11 +181,9 @@ def train(
     The trained :class:`~spikgpt.SpikGPTModel`.
     """
     t0 = time.perf_counter()
-    adata = read(adata)
-    if not 0 <= calibration_fraction < 1:
-        msg = f"calibration_fraction must be in [0, 1), got {calibration_fraction}."
-        raise InputError(msg)
+    check_calibration_fraction(calibration_fraction)
     check_fdr(fdr)
+    adata = read(adata)
     score_names(novelty, DEFAULT_COMBINATION)
     y, classes = labels_of(adata, label_key)
     cells = Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
@@ -303,9 +307,8 @@ def annotate(
     -------
     The annotated AnnData when ``copy`` is true or a path was given, else ``None``.
     """
-    if shift is not None and shift not in SHIFT_MODES:
-        msg = f"shift must be one of {SHIFT_MODES}, got {shift!r}."
-        raise ValueError(msg)
+    if shift is not None:
+        check_shift(shift)
     from_path = not isinstance(adata, ad.AnnData)
     adata = read(adata)
     if copy and not from_path:

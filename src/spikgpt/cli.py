@@ -91,6 +91,7 @@ def train(
     quiet: Quiet = False,
 ) -> None:
     """Train a model on a labelled reference and save it to a folder."""
+    from spikgpt.api import check_calibration_fraction
     from spikgpt.api import train as train_
     from spikgpt.model.annotator import check_model_destination
     from spikgpt.openset import check_fdr
@@ -100,8 +101,7 @@ def train(
         _check_input(reference)
         check_model_destination(out, overwrite=overwrite)
         check_fdr(fdr)
-        if not 0 <= calibration_fraction < 1:
-            raise ValueError(f"--calibration-fraction must be in [0, 1), got {calibration_fraction}.")
+        check_calibration_fraction(calibration_fraction)
         model = train_(
             reference,
             label_key,
@@ -157,7 +157,7 @@ def annotate(
     from spikgpt.data import check_output_file, write_atomic, write_h5ad_atomic
     from spikgpt.model import SpikGPTModel
     from spikgpt.openset import check_fdr
-    from spikgpt.openset.decision import SHIFT_MODES
+    from spikgpt.openset.decision import check_shift
     from spikgpt.openset.novelty import score_names
 
     _setup(quiet)
@@ -166,8 +166,8 @@ def annotate(
         check_output_file(out, ".h5ad", overwrite=overwrite, source=query)
         if csv is not None:
             check_output_file(csv, ".csv", overwrite=overwrite, source=query)
-        if shift is not None and shift not in SHIFT_MODES:
-            raise ValueError(f"shift must be one of {SHIFT_MODES}, got {shift!r}.")
+        if shift is not None:
+            check_shift(shift)
         loaded = SpikGPTModel.load(model)
         if novelty is not None:
             score_names(novelty, loaded.novelty_components)

@@ -119,9 +119,14 @@ def check_output_file(path: str | os.PathLike, suffix: str, *, overwrite: bool, 
     return path
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool) -> Path:
-    """Write a file through ``write(tmp_path)`` and a rename, with permissions from the umask."""
-    path = check_output_file(path, Path(path).suffix, overwrite=overwrite)
+def write_atomic(
+    path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool, suffix: str | None = None
+) -> Path:
+    """Write a file through ``write(tmp_path)`` and a rename, with permissions from the umask.
+
+    The destination is checked first (:func:`check_output_file`, with ``suffix`` when given).
+    """
+    path = check_output_file(path, suffix or Path(path).suffix, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=path.suffix + ".tmp", dir=path.parent)
     os.close(fd)
@@ -151,8 +156,7 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike, *, overwrite: 
     -------
     The destination path.
     """
-    check_output_file(path, ".h5ad", overwrite=overwrite)
-    return write_atomic(path, adata.write_h5ad, overwrite=overwrite)
+    return write_atomic(path, adata.write_h5ad, overwrite=overwrite, suffix=".h5ad")
 
 
 def gene_names(adata: ad.AnnData, gene_key: str | None = None, *, use_raw: bool = False) -> np.ndarray:

@@ -33,6 +33,10 @@ class Embedder(ABC):
         """Per cell, what the embedding cannot represent (``None`` when the embedder has no such measure)."""
         return None
 
+    def embed(self, cells: Cells) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`transform` and :meth:`residual` together (one pass where the embedder allows it)."""
+        return self.transform(cells), self.residual(cells)
+
     @property
     @abstractmethod
     def dim(self) -> int:

@@ -102,7 +102,10 @@ class DefaultEmbedder(Embedder):
         return np.clip((dense - mean) / std, -10, 10, out=dense)
 
     def transform(self, cells: Cells) -> np.ndarray:  # noqa: D102
-        return self._project(cells, residual=False)
+        return self._project(cells, residual=False)[0]
+
+    def embed(self, cells: Cells) -> tuple[np.ndarray, np.ndarray]:  # noqa: D102
+        return self._project(cells, residual=True)
 
     def residual(self, cells: Cells) -> np.ndarray:
         """Mean squared scaled expression off the reference's principal subspace, per cell.
@@ -112,9 +115,10 @@ class DefaultEmbedder(Embedder):
         the scaled gene vector that the components do not span sees it (issue-11 signal
         "outside the embedding").
         """
-        return self._project(cells, residual=True)
+        return self._project(cells, residual=True)[1]
 
-    def _project(self, cells: Cells, *, residual: bool) -> np.ndarray:
+    def _project(self, cells: Cells, *, residual: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The embedding and, with ``residual``, the off-subspace residual, in one pass over the cells."""
         if self.components is None:
             msg = "The embedder is not fitted yet."
             raise RuntimeError(msg)
@@ -123,16 +127,16 @@ class DefaultEmbedder(Embedder):
             mean, std = _moments(X)
         else:
             mean, std = self.mean, self.std
-        out = np.empty(X.shape[0] if residual else (X.shape[0], self.dim), dtype=np.float32)
+        out = np.empty((X.shape[0], self.dim), dtype=np.float32)
+        res = np.empty(X.shape[0], dtype=np.float32) if residual else None
         for start in range(0, X.shape[0], CHUNK):
             Z = self._scale(X[start : start + CHUNK].toarray(), mean, std)
             Z[:, ~present] = 0.0
             E = Z @ self.components.T
-            if residual:
-                out[start : start + CHUNK] = ((Z - E @ self.components) ** 2).mean(axis=1)
-            else:
-                out[start : start + CHUNK] = E
-        return out
+            out[start : start + CHUNK] = E
+            if res is not None:
+                res[start : start + CHUNK] = ((Z - E @ self.components) ** 2).mean(axis=1)
+        return out, res
 
     def config(self) -> dict:  # noqa: D102
         return {

@@ -27,7 +27,14 @@ from spikgpt.errors import ModelFormatError
 from spikgpt.mapping import Mapping, estimate_mapping
 from spikgpt.model.network import NetworkConfig, SpikingTransformer
 from spikgpt.model.training import TrainConfig
-from spikgpt.openset.decision import DEFAULT_FDR, DEFAULT_SHIFT, calibration_statistic, check_fdr, decide
+from spikgpt.openset.decision import (
+    DEFAULT_FDR,
+    DEFAULT_SHIFT,
+    calibration_statistic,
+    check_fdr,
+    check_shift,
+    decide,
+)
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
 from spikgpt.snn import LIF
 
@@ -168,7 +175,10 @@ class SpikGPTModel:
         fdr = self.fdr if fdr is None else fdr
         check_fdr(fdr)
         names = score_names(novelty or self.novelty_method, self.novelty_components)
-        E = self.embedder.transform(cells)
+        if "pca_residual" in names:
+            E, residual = self.embedder.embed(cells)
+        else:
+            E, residual = self.embedder.transform(cells), None
         embedded = np.isfinite(E).all(axis=1)
         E_ok = E[embedded]
         mapped = None
@@ -177,9 +187,7 @@ class SpikGPTModel:
             mapped = estimate_mapping(self.standardise(E_ok), self.novelty.state["ref_embedding"])
             E_ok = E_ok - mapped.shift * self.input_std
         out = self.outputs(E_ok, progress=progress)
-        if "pca_residual" in names:
-            residual = self.embedder.residual(cells)
-            out.residual = None if residual is None else residual[embedded]
+        out.residual = None if residual is None else residual[embedded]
         n = len(E)
         probs = np.zeros((n, len(self.classes)), np.float32)
         probs[embedded] = out.probs
@@ -188,7 +196,7 @@ class SpikGPTModel:
         pvalue, qvalue = np.zeros(n), np.zeros(n)
         unknown = ~embedded
         reason = np.full(n, "not_embedded", dtype=object)
-        shift = {"location": 0.0, "scale": 1.0}
+        removed = {"location": 0.0, "scale": 1.0}
         if self.novelty is not None and embedded.any():
             d = decide(
                 self.novelty.raw_scores(out, names),
@@ -196,16 +204,16 @@ class SpikGPTModel:
                 names,
                 fdr=fdr,
                 calibration_statistics=self._calibration_statistic(names),
-                shift=self.shift if shift is None else shift,
+                shift=self.shift if shift is None else check_shift(shift),
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown
-            shift = d.shift
+            removed = d.shift
         elif embedded.any():  # uncalibrated model (calibration_fraction=0): nothing is Unknown
             pvalue[embedded], qvalue[embedded], reason[embedded] = 1.0, 1.0, ""
         E_out = E.copy()
         E_out[embedded] = E_ok
-        return Prediction(E_out, probs, conf, raw, embedded, pvalue, qvalue, unknown, reason, out, mapped, shift)
+        return Prediction(E_out, probs, conf, raw, embedded, pvalue, qvalue, unknown, reason, out, mapped, removed)
 
     def _calibration_statistic(self, names: tuple[str, ...]) -> np.ndarray:
         """Calibration cells' combined statistic for ``names`` (cached: it only depends on the model)."""

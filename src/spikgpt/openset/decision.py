@@ -224,6 +224,14 @@ def decide(
     return Decision(p, q, (q <= fdr) & (fdr > 0), reason, info)
 
 
+def check_shift(shift: str) -> str:
+    """``shift`` itself; ``ValueError`` unless it is one of :data:`SHIFT_MODES`."""
+    if shift not in SHIFT_MODES:
+        msg = f"shift must be one of {SHIFT_MODES}, got {shift!r}."
+        raise ValueError(msg)
+    return shift
+
+
 def check_fdr(fdr: float) -> None:
     """Raise ``ValueError`` unless ``fdr`` is in [0, 1)."""
     if not 0 <= fdr < 1:
