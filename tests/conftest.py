@@ -23,3 +23,11 @@ def pbmc():
     import scanpy as sc
 
     return sc.datasets.pbmc68k_reduced()
+
+
+@pytest.fixture(scope="session")
+def pbmc_model(pbmc):
+    """The default model on pbmc68k_reduced's ``raw`` (gene symbols)."""
+    import spikgpt
+
+    return spikgpt.train(pbmc, "bulk_labels", use_raw=True, progress=False, seed=0)

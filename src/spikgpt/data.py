@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from spikgpt.errors import GeneOverlapError, InputError
+from spikgpt.genes import id_kind, match
 
 logger = logging.getLogger("spikgpt")
 
@@ -332,16 +333,6 @@ def prepare(
     return Expression(normalise(X, scale, total), genes, adata.obs_names.copy(), scale)
 
 
-def gene_id_kind(genes: np.ndarray) -> str:
-    """``"Ensembl IDs"`` when most names start with ``ENS``, else ``"gene symbols"``."""
-    sample = np.asarray(genes[:1000], dtype=str)
-    return (
-        "Ensembl IDs"
-        if len(sample) and np.char.startswith(np.char.upper(sample), "ENS").mean() > 0.5
-        else "gene symbols"
-    )
-
-
 def align(expr: Expression, genes: np.ndarray, *, min_overlap: float = 0.1) -> tuple[sp.csr_matrix, np.ndarray]:
     """Reorder ``expr``'s columns to ``genes``; genes it lacks come out as all-zero columns.
 
@@ -358,19 +349,25 @@ def align(expr: Expression, genes: np.ndarray, *, min_overlap: float = 0.1) -> t
     -------
     The aligned CSR matrix and a boolean mask of which target genes were present.
     """
-    index = pd.Index(expr.genes).get_indexer(genes)
+    found = match(genes, expr.genes)
+    index = found.index
     present = index >= 0
     frac = present.mean() if len(genes) else 0.0
+    if found.n_translated:
+        logger.info("Gene identifiers: %s.", found.how)
     logger.info("%d of %d model genes (%.0f%%) found in the input.", present.sum(), len(genes), 100 * frac)
     if frac < min_overlap:
-        kind_model, kind_input = gene_id_kind(genes), gene_id_kind(expr.genes)
+        kind_model, kind_input = id_kind(genes), id_kind(expr.genes)
         msg = (
             f"Only {present.sum()} of {len(genes)} model genes ({100 * frac:.0f}%) are in the input. The "
             f"model's genes are {kind_model} (e.g. {', '.join(map(str, genes[:3]))}); the input's are "
             f"{kind_input} (e.g. {', '.join(map(str, expr.genes[:3]))}). "
         )
         if kind_model != kind_input:
-            msg += f"Point gene_key (--gene-key) at a var column of the input holding {kind_model}."
+            msg += (
+                f"Human and mouse Ensembl IDs are translated offline ({found.n_translated} were here); for "
+                f"other species point gene_key (--gene-key) at a var column of the input holding {kind_model}."
+            )
         else:
             msg += "Is the input from another species or gene panel? Point gene_key (--gene-key) at the right column."
         raise GeneOverlapError(msg)

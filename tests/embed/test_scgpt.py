@@ -164,3 +164,16 @@ def test_train_and_annotate_on_scgpt_embeddings(query, tmp_path):
     assert (a.obs["spikgpt_label"] == b.obs["spikgpt_label"]).all()
     assert isinstance(make_embedder(f"scgpt:{CKPT}"), ScGPTEmbedder)
     assert isinstance(ScGPTEncoder.from_checkpoint(model.embedder.ckpt), ScGPTEncoder)
+
+
+def test_ensembl_ids_are_translated_to_the_vocabulary(query):
+    from spikgpt import genes
+
+    first = genes.table("human").drop_duplicates("key").set_index("key")["ensembl_id"]
+    ids = first.reindex(query.var_names.str.upper())
+    q = query[:, ids.notna().to_numpy()].copy()
+    assert q.n_vars >= 20
+    twin = q.copy()
+    twin.var_names = [f"{i}.5" for i in ids.dropna()]
+    emb = ScGPTEmbedder(CKPT, seed=SEED, progress=False)
+    np.testing.assert_array_equal(emb.transform(Cells(q)), emb.transform(Cells(twin)))

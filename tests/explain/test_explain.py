@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 import spikgpt
 from spikgpt.energy import markdown
@@ -11,11 +10,6 @@ MARKERS = {
     "CD56+ NK": {"NKG7", "GNLY", "GZMB", "PRF1"},
 }
 TOP = 20  # a class passes when at least 2 of its markers are among its top 20 of 765 genes
-
-
-@pytest.fixture(scope="module")
-def pbmc_model(pbmc):
-    return spikgpt.train(pbmc, "bulk_labels", use_raw=True, progress=False, seed=0)
 
 
 def test_known_markers_rank_top_for_their_class(pbmc, pbmc_model, tmp_path):

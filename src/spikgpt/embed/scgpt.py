@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from spikgpt.data import Cells, gene_names
 from spikgpt.embed.base import Embedder
 from spikgpt.errors import GeneOverlapError, InputError, ModelFormatError
+from spikgpt.genes import ENSEMBL, id_kind, to_symbols
 
 logger = logging.getLogger("spikgpt")
 
@@ -428,7 +429,18 @@ class ScGPTEmbedder(Embedder):
         return self.ckpt.args.embsize
 
     def match_genes(self, symbols: np.ndarray) -> np.ndarray:
-        """Vocabulary id per gene symbol (exact match), -1 where absent; checks the overlap."""
+        """Vocabulary id per gene symbol (exact match), -1 where absent; checks the overlap.
+
+        Human and mouse Ensembl IDs are first translated to symbols (:mod:`spikgpt.genes`).
+        """
+        if id_kind(symbols) == ENSEMBL:
+            translated = to_symbols(symbols)
+            logger.info(
+                "Gene identifiers: %d of %d Ensembl IDs translated to symbols for the scGPT vocabulary.",
+                int((translated != "").sum()),
+                len(symbols),
+            )
+            symbols = np.where(translated != "", translated, symbols)
         ids = np.array([self.ckpt.vocab.get(g, -1) for g in symbols], dtype=np.int64)
         n = int((ids >= 0).sum())
         logger.info("%d of %d genes (%.0f%%) are in the scGPT vocabulary.", n, len(ids), 100 * n / max(len(ids), 1))
