@@ -16,6 +16,7 @@ from spikgpt import __version__
 from spikgpt.data import Cells, read
 from spikgpt.embed import Embedder, make_embedder
 from spikgpt.errors import InputError
+from spikgpt.mapping import Mapping
 from spikgpt.model.annotator import SpikGPTModel
 from spikgpt.model.network import NetworkConfig
 from spikgpt.model.training import MIN_SPLIT_CELLS, TrainConfig, fit_network, stratified_split
@@ -320,45 +321,96 @@ def annotate(
     t0 = time.perf_counter()
     cells = Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
     pred = model.predict(cells, novelty=method, fdr=fdr, mapping=mapping, shift=shift, progress=progress)
-    labels = reject(pred.raw_label, pred.unknown)
-    is_unknown = pred.unknown
-    adata.obs[f"{key_added}_label"] = pd.Categorical(labels, categories=[*model.classes, UNKNOWN])
-    adata.obs[f"{key_added}_raw_label"] = pd.Categorical(pred.raw_label, categories=model.classes)
-    adata.obs[f"{key_added}_confidence"] = pred.confidence.astype(np.float32)
-    adata.obs[f"{key_added}_pvalue"] = pred.pvalue
-    adata.obs[f"{key_added}_qvalue"] = pred.qvalue
-    adata.obs[f"{key_added}_unknown_reason"] = np.where(is_unknown, pred.reason, "").astype(str)
+    cols = annotation_columns(
+        model, pred.raw_label, pred.confidence, pred.pvalue, pred.qvalue, pred.unknown, pred.reason, key_added
+    )
+    for name in cols.columns:
+        adata.obs[name] = cols[name].array
     adata.obsm[f"X_{key_added}_embedding"] = pred.embedding
-    m = pred.mapping
-    adata.uns[key_added] = {
+    adata.uns[key_added] = annotation_summary(
+        model,
+        method,
+        fdr,
+        pred.mapping,
+        shift,
+        pred.shift,
+        pred.unknown,
+        pred.embedded,
+        {"layer": layer, "use_raw": use_raw, "gene_key": gene_key},
+        time.perf_counter() - t0,
+    )
+    logger.info("Annotated %d cells; %d Unknown at FDR %.2f.", adata.n_obs, adata.uns[key_added]["n_unknown"], fdr)
+    warn_if_mostly_unknown(pred.unknown, key_added)
+    return adata if (copy or from_path) else None
+
+
+def annotation_columns(
+    model: SpikGPTModel,
+    raw_label: np.ndarray,
+    confidence: np.ndarray,
+    pvalue: np.ndarray,
+    qvalue: np.ndarray,
+    unknown: np.ndarray,
+    reason: np.ndarray,
+    key_added: str = "spikgpt",
+) -> pd.DataFrame:
+    """The ``obs`` columns :func:`annotate` writes (one row per cell, default index)."""
+    return pd.DataFrame(
+        {
+            f"{key_added}_label": pd.Categorical(reject(raw_label, unknown), categories=[*model.classes, UNKNOWN]),
+            f"{key_added}_raw_label": pd.Categorical(raw_label, categories=model.classes),
+            f"{key_added}_confidence": np.asarray(confidence, dtype=np.float32),
+            f"{key_added}_pvalue": pvalue,
+            f"{key_added}_qvalue": qvalue,
+            f"{key_added}_unknown_reason": np.where(unknown, reason, "").astype(str),
+        }
+    )
+
+
+def annotation_summary(
+    model: SpikGPTModel,
+    method: str,
+    fdr: float,
+    mapped: Mapping | None,
+    shift: str | None,
+    removed: dict,
+    unknown: np.ndarray,
+    embedded: np.ndarray,
+    source: dict,
+    seconds: float,
+) -> dict:
+    """The ``uns`` entry :func:`annotate` writes."""
+    return {
         "spikgpt_version": __version__,
         "embedder": model.embedder.spec,
         "novelty": method,
         "novelty_components": list(score_names(method, model.novelty_components)),
         "fdr": fdr,
         "mapping": {
-            "applied": m is not None,
-            "shift_norm": 0.0 if m is None else m.norm,
-            "mutual_pairs": 0 if m is None else m.n_pairs,
+            "applied": mapped is not None,
+            "shift_norm": 0.0 if mapped is None else mapped.norm,
+            "mutual_pairs": 0 if mapped is None else mapped.n_pairs,
         },
         "shift_correction": shift or model.shift,
-        "global_shift_removed": pred.shift,
+        "global_shift_removed": removed,
         "classes": list(model.classes),
-        "n_unknown": int(is_unknown.sum()),
-        "n_not_embedded": int((~pred.embedded).sum()),
-        "input": {"layer": layer or "", "use_raw": use_raw, "gene_key": gene_key or ""},
-        "seconds": round(time.perf_counter() - t0, 3),
+        "n_unknown": int(unknown.sum()),
+        "n_not_embedded": int((~embedded).sum()),
+        "input": {"layer": source["layer"] or "", "use_raw": source["use_raw"], "gene_key": source["gene_key"] or ""},
+        "seconds": round(seconds, 3),
     }
-    logger.info("Annotated %d cells; %d Unknown at FDR %.2f.", adata.n_obs, adata.uns[key_added]["n_unknown"], fdr)
-    if adata.n_obs >= 50 and is_unknown.mean() > 0.5:
+
+
+def warn_if_mostly_unknown(unknown: np.ndarray, key_added: str = "spikgpt") -> None:
+    """Warn when more than half of a query of at least 50 cells is Unknown."""
+    if len(unknown) >= 50 and unknown.mean() > 0.5:
         logger.warning(
             "%.0f%% of the cells are Unknown. Either most of the query is of types absent from the "
             "reference, or it differs from the reference by more than the mapping removed; compare "
             "obs['%s_raw_label'].",
-            100 * is_unknown.mean(),
+            100 * unknown.mean(),
             key_added,
         )
-    return adata if (copy or from_path) else None
 
 
 def embed_scgpt(

@@ -41,12 +41,15 @@ class Expression:
         The cells, in input order.
     scale
         The detected input scale (a key of :data:`SCALES`).
+    total
+        The per-cell total of ``"log1p"`` / ``"log2"`` input (else NaN).
     """
 
     X: sp.csr_matrix
     genes: np.ndarray
     obs_names: pd.Index
     scale: str
+    total: float = np.nan
 
 
 def read(data: ad.AnnData | str | os.PathLike) -> ad.AnnData:
@@ -301,6 +304,7 @@ def prepare(
     layer: str | None = None,
     use_raw: bool = False,
     gene_key: str | None = None,
+    scale: tuple[str, float] | None = None,
 ) -> Expression:
     """Read, validate and normalise the expression of ``data``; ``data`` is not modified.
 
@@ -314,6 +318,9 @@ def prepare(
         Take expression from ``raw``.
     gene_key
         ``var`` column with gene symbols; ``var_names`` when ``None``.
+    scale
+        The input scale and per-cell total as :func:`input_scale` returns them, when already
+        detected (chunks of one file must all be read the same way); detected when ``None``.
 
     Returns
     -------
@@ -326,11 +333,14 @@ def prepare(
     keep = ~pd.Index(genes).duplicated()
     if not keep.all():
         X, genes = X[:, keep], genes[keep]
-    scale, total = input_scale(X)
-    logger.info(
-        "Input looks like %s.", SCALES[scale] + (f" (per-cell total {total:.4g})" if np.isfinite(total) else "")
-    )
-    return Expression(normalise(X, scale, total), genes, adata.obs_names.copy(), scale)
+    if scale is None:
+        kind, total = input_scale(X)
+        logger.info(
+            "Input looks like %s.", SCALES[kind] + (f" (per-cell total {total:.4g})" if np.isfinite(total) else "")
+        )
+    else:
+        kind, total = scale
+    return Expression(normalise(X, kind, total), genes, adata.obs_names.copy(), kind, total)
 
 
 def align(expr: Expression, genes: np.ndarray, *, min_overlap: float = 0.1) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -397,6 +407,7 @@ class Cells:
     layer: str | None = None
     use_raw: bool = False
     gene_key: str | None = None
+    scale: tuple[str, float] | None = None  # detected from the data when None (see prepare)
     _expression: Expression | None = None
     _aligned: dict = field(default_factory=dict, repr=False)
 
@@ -410,15 +421,17 @@ class Cells:
     def expression(self) -> Expression:
         """The validated, normalised expression (cached)."""
         if self._expression is None:
-            self._expression = prepare(self.adata, layer=self.layer, use_raw=self.use_raw, gene_key=self.gene_key)
+            self._expression = prepare(
+                self.adata, layer=self.layer, use_raw=self.use_raw, gene_key=self.gene_key, scale=self.scale
+            )
         return self._expression
 
     def subset(self, index: np.ndarray) -> Cells:
         """The cells at integer positions ``index`` (views, no copy of the AnnData)."""
         expr = self._expression
         if expr is not None:
-            expr = Expression(expr.X[index], expr.genes, expr.obs_names[index], expr.scale)
-        return Cells(self.adata[index], self.layer, self.use_raw, self.gene_key, expr)
+            expr = Expression(expr.X[index], expr.genes, expr.obs_names[index], expr.scale, expr.total)
+        return Cells(self.adata[index], self.layer, self.use_raw, self.gene_key, self.scale, expr)
 
     @property
     def n_obs(self) -> int:

@@ -59,8 +59,23 @@ def mutual_pairs(query: np.ndarray, reference: np.ndarray, k: int = K_MUTUAL) ->
     return iq[back], jr[back]
 
 
+def _draw(rng: np.random.Generator, n: int) -> np.ndarray:
+    return np.sort(rng.choice(n, MAX_QUERY_CELLS, replace=False)) if n > MAX_QUERY_CELLS else np.arange(n)
+
+
+def query_sample(n: int, seed: int = 0) -> np.ndarray:
+    """The rows of an ``n``-cell query that :func:`estimate_mapping` uses (all up to :data:`MAX_QUERY_CELLS`)."""
+    return _draw(np.random.default_rng(seed), n)
+
+
 def estimate_mapping(
-    query: np.ndarray, reference: np.ndarray, *, k: int = K_MUTUAL, rounds: int = ROUNDS, seed: int = 0
+    query: np.ndarray,
+    reference: np.ndarray,
+    *,
+    k: int = K_MUTUAL,
+    rounds: int = ROUNDS,
+    seed: int = 0,
+    n_query: int | None = None,
 ) -> Mapping:
     """Estimate the translation that brings ``query`` onto ``reference``.
 
@@ -77,6 +92,9 @@ def estimate_mapping(
     seed
         Seed of the query and reference samples (beyond :data:`MAX_QUERY_CELLS` /
         :data:`MAX_REFERENCE_CELLS` cells).
+    n_query
+        The query's size when ``query`` holds only the rows ``query_sample(n_query, seed)`` (a
+        query streamed from disk); the result is then the one the whole query would give.
 
     Returns
     -------
@@ -86,14 +104,17 @@ def estimate_mapping(
     estimate how far known query cells are shifted.
     """
     n, d = query.shape
-    matched = np.zeros(n, dtype=bool)
+    n_all = n if n_query is None else n_query
+    matched = np.zeros(n_all, dtype=bool)
     if n < 2 or len(reference) < 2:
         return Mapping(np.zeros(d, np.float32), 0, 0, matched)
     rng = np.random.default_rng(seed)
-    rows = np.arange(n)
-    if n > MAX_QUERY_CELLS:
-        rows = np.sort(rng.choice(n, MAX_QUERY_CELLS, replace=False))
+    rows = _draw(rng, n_all)
+    if n_query is None:
         query = query[rows]
+    elif len(rows) != n:
+        msg = f"query holds {n} cells; query_sample({n_query}) has {len(rows)}."
+        raise ValueError(msg)
     if len(reference) > MAX_REFERENCE_CELLS:
         reference = reference[np.sort(rng.choice(len(reference), MAX_REFERENCE_CELLS, replace=False))]
     shift = np.zeros(d)

@@ -98,6 +98,19 @@ class Prediction:
 
 
 @dataclass
+class Classified:
+    """Per-cell outputs of :meth:`SpikGPTModel.classify` for n cells (before the Unknown decision)."""
+
+    embedding: np.ndarray  # [n, d] (mapped; NaN rows: could not embed)
+    probs: np.ndarray  # [n, C]
+    confidence: np.ndarray  # [n]
+    raw_label: np.ndarray  # [n]
+    embedded: np.ndarray  # [n] bool
+    scores: dict[str, np.ndarray]  # raw novelty scores of the embedded cells
+    outputs: CellOutputs  # of the embedded cells
+
+
+@dataclass
 class SpikGPTModel:
     """A trained annotator. Build one with :func:`spikgpt.train`, restore with :meth:`load`."""
 
@@ -171,35 +184,103 @@ class SpikGPTModel:
         shift: str | None = None,
         progress: bool = False,
     ) -> Prediction:
-        """Embed, map and classify ``cells`` and decide which are Unknown (see :func:`spikgpt.annotate`)."""
+        """Embed, map and classify ``cells`` and decide which are Unknown (see :func:`spikgpt.annotate`).
+
+        The steps are public so that a query too large for memory can run them chunk by chunk
+        (:mod:`spikgpt.streaming`): :meth:`embed`, :meth:`map_query` (on a sample),
+        :meth:`classify` (per cell), :meth:`decide_unknown` (over the whole query).
+        """
         fdr = self.fdr if fdr is None else fdr
         check_fdr(fdr)
         names = score_names(novelty or self.novelty_method, self.novelty_components)
+        E, residual = self.embed(cells, names)
+        embedded = np.isfinite(E).all(axis=1)
+        use_mapping = self.mapping if mapping is None else mapping
+        mapped = self.map_query(E[embedded]) if use_mapping else None
+        part = self.classify(E, residual, mapped, names, progress=progress)
+        pvalue, qvalue, unknown, reason, removed = self.decide_unknown(part.scores, part.embedded, names, fdr, shift)
+        return Prediction(
+            part.embedding,
+            part.probs,
+            part.confidence,
+            part.raw_label,
+            part.embedded,
+            pvalue,
+            qvalue,
+            unknown,
+            reason,
+            part.outputs,
+            mapped,
+            removed,
+        )
+
+    def embed(self, cells: Cells, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embedding of ``cells`` and, when the novelty scores ``names`` need it, their residual."""
         if "pca_residual" in names:
-            E, residual = self.embedder.embed(cells)
-        else:
-            E, residual = self.embedder.transform(cells), None
+            return self.embedder.embed(cells)
+        return self.embedder.transform(cells), None
+
+    def map_query(self, E: np.ndarray, *, n_query: int | None = None) -> Mapping | None:
+        """The query → reference translation from embedded cells ``E`` (``None`` when uncalibrated).
+
+        ``n_query``: the query's size when ``E`` holds only the rows :func:`~spikgpt.mapping.query_sample` drew.
+        """
+        if self.novelty is None or len(E) < 2:
+            return None
+        return estimate_mapping(self.standardise(E), self.novelty.state["ref_embedding"], n_query=n_query)
+
+    def classify(
+        self,
+        E: np.ndarray,
+        residual: np.ndarray | None,
+        mapped: Mapping | None,
+        names: tuple[str, ...],
+        *,
+        progress: bool = False,
+    ) -> Classified:
+        """Classify embedded cells and compute their raw novelty scores; every cell independently."""
         embedded = np.isfinite(E).all(axis=1)
         E_ok = E[embedded]
-        mapped = None
-        use_mapping = self.mapping if mapping is None else mapping
-        if self.novelty is not None and use_mapping and len(E_ok) > 1:
-            mapped = estimate_mapping(self.standardise(E_ok), self.novelty.state["ref_embedding"])
+        if mapped is not None:
             E_ok = E_ok - mapped.shift * self.input_std
         out = self.outputs(E_ok, progress=progress)
         out.residual = None if residual is None else residual[embedded]
         n = len(E)
         probs = np.zeros((n, len(self.classes)), np.float32)
         probs[embedded] = out.probs
-        conf = np.where(embedded, probs.max(axis=1), 0.0)
-        raw = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
+        E_out = E.copy()
+        E_out[embedded] = E_ok
+        scores = self.novelty.raw_scores(out, names) if self.novelty is not None else {}
+        return Classified(
+            E_out,
+            probs,
+            np.where(embedded, probs.max(axis=1), 0.0),
+            np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)],
+            embedded,
+            scores,
+            out,
+        )
+
+    def decide_unknown(
+        self,
+        scores: dict[str, np.ndarray],
+        embedded: np.ndarray,
+        names: tuple[str, ...],
+        fdr: float,
+        shift: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """p-values, q-values, Unknown, reason and the global shift removed, over the whole query.
+
+        ``scores`` are the embedded cells' raw novelty scores (:meth:`classify`).
+        """
+        n = len(embedded)
         pvalue, qvalue = np.zeros(n), np.zeros(n)
         unknown = ~embedded
         reason = np.full(n, "not_embedded", dtype=object)
         removed = {"location": 0.0, "scale": 1.0}
         if self.novelty is not None and embedded.any():
             d = decide(
-                self.novelty.raw_scores(out, names),
+                scores,
                 self.novelty.calibration_scores(names),
                 names,
                 fdr=fdr,
@@ -211,9 +292,7 @@ class SpikGPTModel:
             removed = d.shift
         elif embedded.any():  # uncalibrated model (calibration_fraction=0): nothing is Unknown
             pvalue[embedded], qvalue[embedded], reason[embedded] = 1.0, 1.0, ""
-        E_out = E.copy()
-        E_out[embedded] = E_ok
-        return Prediction(E_out, probs, conf, raw, embedded, pvalue, qvalue, unknown, reason, out, mapped, removed)
+        return pvalue, qvalue, unknown, reason, removed
 
     def _calibration_statistic(self, names: tuple[str, ...]) -> np.ndarray:
         """Calibration cells' combined statistic for ``names`` (cached: it only depends on the model)."""

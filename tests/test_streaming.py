@@ -1,0 +1,78 @@
+"""Chunked annotation of .h5ad files gives the in-memory results."""
+
+import hashlib
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from synthetic import synthetic_counts
+
+import spikgpt
+from spikgpt import mapping
+from spikgpt.errors import InputError
+from spikgpt.streaming import annotate_file
+
+COLS = ["spikgpt_label", "spikgpt_raw_label", "spikgpt_unknown_reason"]
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _assert_same(streamed: ad.AnnData, memory: ad.AnnData):
+    for c in COLS:
+        assert (streamed.obs[c].astype(str) == memory.obs[c].astype(str)).all(), c
+    for c in ["spikgpt_confidence", "spikgpt_pvalue", "spikgpt_qvalue"]:
+        np.testing.assert_allclose(streamed.obs[c], memory.obs[c], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        streamed.obsm["X_spikgpt_embedding"], memory.obsm["X_spikgpt_embedding"], rtol=1e-5, atol=1e-5
+    )
+    assert streamed.uns["spikgpt"]["n_unknown"] == memory.uns["spikgpt"]["n_unknown"]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_chunks_equal_memory_and_input_untouched(trained, tmp_path, monkeypatch, dense):
+    monkeypatch.setattr(mapping, "MAX_QUERY_CELLS", 60)  # the mapping sample is drawn from the file
+    query = synthetic_counts({"A": 50, "B": 50, "C": 30}, seed=7, extra_types={"new": 25})
+    query.obs["donor"] = "d1"
+    if dense:
+        query.X = query.X.toarray()
+    src = tmp_path / "q.h5ad"
+    query.write_h5ad(src)
+    before = _sha(src)
+    cols = annotate_file(src, trained, tmp_path / "out.h5ad", chunk_size=37, progress=False)
+    assert _sha(src) == before
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    memory = spikgpt.annotate(query, trained, copy=True, progress=False)
+    _assert_same(out, memory)
+    assert (out.obs["donor"] == "d1").all() and (cols["spikgpt_label"].to_numpy() == out.obs["spikgpt_label"]).all()
+    assert out.uns["spikgpt"]["mapping"]["applied"]
+    assert out.obs.loc[query.obs["cell_type"] == "new", "spikgpt_label"].eq("Unknown").mean() > 0.5
+    np.testing.assert_array_equal(
+        out.X.toarray() if sp.issparse(out.X) else out.X,
+        np.asarray(query.X.todense() if sp.issparse(query.X) else query.X),
+    )
+
+
+def test_raw_source_on_real_data(pbmc, pbmc_model, tmp_path):
+    src = tmp_path / "pbmc.h5ad"
+    pbmc.write_h5ad(src)
+    annotate_file(src, pbmc_model, tmp_path / "out.h5ad", use_raw=True, chunk_size=100, progress=False)
+    _assert_same(
+        ad.read_h5ad(tmp_path / "out.h5ad"), spikgpt.annotate(pbmc, pbmc_model, use_raw=True, copy=True, progress=False)
+    )
+
+
+def test_bad_inputs(trained, tmp_path):
+    bad = tmp_path / "bad.h5ad"
+    bad.write_text("not hdf5")
+    with pytest.raises(InputError, match="Cannot read"):
+        annotate_file(bad, trained, tmp_path / "o.h5ad", progress=False)
+    good = tmp_path / "q.h5ad"
+    synthetic_counts({"A": 5}).write_h5ad(good)
+    with pytest.raises(InputError, match="no layers/counts"):
+        annotate_file(good, trained, tmp_path / "o.h5ad", layer="counts", progress=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        annotate_file(good, trained, tmp_path / "o.h5ad", chunk_size=0, progress=False)
+    assert not (tmp_path / "o.h5ad").exists()
