@@ -60,7 +60,7 @@ def test_align_translates_and_says_so(caplog, counts):
     model.var_names = symbols
     query = counts.copy()
     query.var_names = _ids_for(symbols, "human", ".1")[0]
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="spikgpt"):
         X, present = align(prepare(query), prepare(model).genes)
     assert present.all()
     np.testing.assert_allclose(X.toarray(), prepare(model).X.toarray())

@@ -76,3 +76,52 @@ def test_bad_inputs(trained, tmp_path):
     with pytest.raises(ValueError, match="chunk_size"):
         annotate_file(good, trained, tmp_path / "o.h5ad", chunk_size=0, progress=False)
     assert not (tmp_path / "o.h5ad").exists()
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_zarr_store_and_in_place_overwrite(trained, tmp_path, zarr_format):
+    query = synthetic_counts({"A": 40, "B": 40, "C": 20}, seed=3)
+    store = tmp_path / "q.zarr"
+    with ad.settings.override(zarr_write_format=zarr_format):
+        query.write_zarr(store)
+    annotate_file(store, trained, tmp_path / "out.zarr", chunk_size=30, progress=False)
+    memory = spikgpt.annotate(query, trained, copy=True, progress=False)
+    _assert_same(ad.read_zarr(tmp_path / "out.zarr"), memory)
+    with pytest.raises(FileExistsError, match="exists"):
+        annotate_file(store, trained, tmp_path / "out.zarr", progress=False)
+    (tmp_path / "plain.zarr").mkdir()
+    (tmp_path / "plain.zarr" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a Zarr store"):
+        annotate_file(store, trained, tmp_path / "plain.zarr", overwrite=True, progress=False)
+    assert (tmp_path / "plain.zarr" / "keep.txt").read_text() == "mine"
+    annotate_file(store, trained, store, overwrite=True, progress=False)  # in place, through a copy
+    _assert_same(ad.read_zarr(store), memory)
+
+
+def test_dask_cluster_gives_the_single_process_labels(trained, tmp_path):
+    import distributed  # the [dask] extra, part of the test install
+
+    query = synthetic_counts({"A": 60, "B": 60, "C": 40}, seed=5, extra_types={"new": 20})
+    store = tmp_path / "q.zarr"
+    query.write_zarr(store)
+    model_dir = trained.save(tmp_path / "model")
+    single = annotate_file(store, model_dir, tmp_path / "single.zarr", chunk_size=25, progress=False)
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        assert len(client.scheduler_info()["workers"]) == 2
+        on_cluster = annotate_file(
+            store, model_dir, tmp_path / "dask.zarr", chunk_size=25, client=client, progress=False
+        )
+        # a model object is saved for the workers first
+        again = annotate_file(store, trained, tmp_path / "dask2.zarr", client=client, progress=False)
+    for c in COLS:
+        assert (single[c].astype(str) == on_cluster[c].astype(str)).all()
+        assert (single[c].astype(str) == again[c].astype(str)).all()
+    np.testing.assert_allclose(single["spikgpt_qvalue"], on_cluster["spikgpt_qvalue"], rtol=1e-6)
+    np.testing.assert_allclose(
+        ad.read_zarr(tmp_path / "single.zarr").obsm["X_spikgpt_embedding"],
+        ad.read_zarr(tmp_path / "dask.zarr").obsm["X_spikgpt_embedding"],
+        rtol=1e-6,
+    )

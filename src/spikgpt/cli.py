@@ -122,11 +122,24 @@ def train(
     console.print(f"{model}\nSaved to [bold]{out}[/]")
 
 
+def _dask_client(address: str):
+    """A client of the Dask scheduler at ``address``, or a clear error."""
+    try:
+        from distributed import Client
+    except ImportError as err:
+        msg = "--dask-scheduler needs dask.distributed: pip install 'spikgpt[dask]'."
+        raise ValueError(msg) from err
+    try:
+        return Client(address, timeout=30)
+    except OSError as err:
+        raise ValueError(f"Cannot reach the Dask scheduler at {address}: {err}") from err
+
+
 @app.command()
 def annotate(
-    query: Annotated[Path, typer.Argument(help="Query .h5ad to annotate.")],
+    query: Annotated[Path, typer.Argument(help="Query .h5ad file or .zarr store to annotate.")],
     model: Annotated[Path, typer.Option(help="Model folder from `spikgpt train`.")],
-    out: Annotated[Path, typer.Option(help="Annotated .h5ad to write.")],
+    out: Annotated[Path, typer.Option(help="Annotated copy to write, .h5ad (or .zarr for a .zarr query).")],
     csv: Annotated[Path | None, typer.Option(help="Also write predictions as CSV.")] = None,
     novelty: Annotated[
         str | None,
@@ -146,24 +159,40 @@ def annotate(
             "location, quartile or gated."
         ),
     ] = None,
+    chunk_size: Annotated[
+        int, typer.Option(help="Cells read and classified at once (memory grows with it; results do not).")
+    ] = 20_000,
+    dask_scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of a Dask scheduler (e.g. tcp://10.0.0.5:8786): chunks are classified on its workers, "
+            "which must see the query and the model folder at the same paths. Needs spikgpt[dask]."
+        ),
+    ] = None,
     layer: Layer = None,
     use_raw: UseRaw = False,
     gene_key: GeneKey = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Annotate a query with a trained model; writes obs['spikgpt_label'] and friends."""
-    from spikgpt.api import annotate as annotate_
-    from spikgpt.data import check_output_file, write_atomic, write_h5ad_atomic
+    """Annotate a query with a trained model; writes obs['spikgpt_label'] and friends.
+
+    The query is read in chunks of --chunk-size cells: memory does not grow with the query.
+    """
+    from spikgpt.data import check_output_file, write_atomic
     from spikgpt.model import SpikGPTModel
     from spikgpt.openset import check_fdr
     from spikgpt.openset.decision import check_shift
     from spikgpt.openset.novelty import score_names
+    from spikgpt.streaming import annotate_file, check_output_store
 
     _setup(quiet)
     try:
         _check_input(query)
-        check_output_file(out, ".h5ad", overwrite=overwrite, source=query)
+        if query.suffix == ".zarr":
+            check_output_store(out, ".zarr", overwrite=overwrite)
+        else:
+            check_output_file(out, ".h5ad", overwrite=overwrite, source=query)
         if csv is not None:
             check_output_file(csv, ".csv", overwrite=overwrite, source=query)
         if shift is not None:
@@ -173,9 +202,13 @@ def annotate(
             score_names(novelty, loaded.novelty_components)
         if fdr is not None:
             check_fdr(fdr)
-        adata = annotate_(
+        if chunk_size < 1:
+            raise ValueError(f"--chunk-size must be at least 1 (got {chunk_size}).")
+        client = _dask_client(dask_scheduler) if dask_scheduler else None
+        result = annotate_file(
             query,
             loaded,
+            out,
             layer=layer,
             use_raw=use_raw,
             gene_key=gene_key,
@@ -183,22 +216,18 @@ def annotate(
             fdr=fdr,
             mapping=False if no_mapping else None,
             shift=shift,
+            chunk_size=chunk_size,
+            client=client,
+            overwrite=overwrite,
             progress=not quiet,
         )
-        write_h5ad_atomic(adata, out, overwrite=overwrite)
+        if client is not None:
+            client.close()
         if csv is not None:
-            cols = [
-                "spikgpt_label",
-                "spikgpt_raw_label",
-                "spikgpt_confidence",
-                "spikgpt_pvalue",
-                "spikgpt_qvalue",
-                "spikgpt_unknown_reason",
-            ]
-            write_atomic(csv, adata.obs[cols].to_csv, overwrite=overwrite)
+            write_atomic(csv, result.to_csv, overwrite=overwrite)
     except (SpikGPTError, FileExistsError, ValueError) as err:
         _fail(err)
-    counts = adata.obs["spikgpt_label"].value_counts()
+    counts = result["spikgpt_label"].value_counts()
     table = Table("cell type", "cells")
     for name, n in counts.items():
         table.add_row(str(name), str(n))

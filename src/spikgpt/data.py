@@ -53,12 +53,12 @@ class Expression:
 
 
 def read(data: ad.AnnData | str | os.PathLike) -> ad.AnnData:
-    """Return an AnnData, reading it from an ``.h5ad`` path if given one.
+    """Return an AnnData, reading it from an ``.h5ad`` or ``.zarr`` path if given one.
 
     Parameters
     ----------
     data
-        An AnnData object or a path to an ``.h5ad`` file.
+        An AnnData object or a path to an ``.h5ad`` file or ``.zarr`` store.
 
     Returns
     -------
@@ -68,21 +68,26 @@ def read(data: ad.AnnData | str | os.PathLike) -> ad.AnnData:
         return data
     path = check_input_file(data)
     try:
-        return ad.read_h5ad(path)
-    except Exception as err:  # h5py raises several unrelated types for a damaged file
-        msg = f"Could not read {path} as an .h5ad file ({type(err).__name__}: {err})."
+        return ad.read_zarr(path) if path.suffix == ".zarr" else ad.read_h5ad(path)
+    except Exception as err:  # h5py / zarr raise several unrelated types for a damaged store
+        msg = f"Could not read {path} as AnnData ({type(err).__name__}: {err})."
         raise InputError(msg) from err
 
 
 def check_input_file(path: str | os.PathLike) -> Path:
-    """Raise :class:`InputError` unless ``path`` is an existing ``.h5ad`` file."""
+    """Raise :class:`InputError` unless ``path`` is an existing ``.h5ad`` file or ``.zarr`` store."""
     path = Path(path)
+    if path.suffix == ".zarr":
+        if not path.is_dir():
+            msg = f"Zarr store not found: {path}." if not path.exists() else f"{path} is a file, not a .zarr store."
+            raise InputError(msg)
+        return path
     if not path.is_file():
         msg = f"File not found: {path}." if not path.exists() else f"{path} is a folder, not an .h5ad file."
         raise InputError(msg)
     if path.suffix != ".h5ad":
         msg = (
-            f"{path} is not an .h5ad file. spikgpt reads AnnData files; convert other formats "
+            f"{path} is not an .h5ad file or .zarr store. spikgpt reads AnnData; convert other formats "
             "first, e.g. `scanpy.read_10x_mtx(...).write_h5ad('data.h5ad')`."
         )
         raise InputError(msg)
@@ -211,7 +216,8 @@ SCALES = {
     "log2": "log2(x + 1) of per-cell normalised values: converted to log1p of counts per 10,000",
     "log": "log-scale values whose per-cell totals cannot be checked (e.g. a gene panel): kept as they are",
 }
-_SCALE_SAMPLE = 2000
+#: Rows the input scale is detected on (the first ones; chunked reading detects it on the same rows).
+SCALE_SAMPLE_CELLS = 2000
 
 
 def input_scale(X: sp.csr_matrix) -> tuple[str, float]:
@@ -231,7 +237,7 @@ def input_scale(X: sp.csr_matrix) -> tuple[str, float]:
     -------
     One of :data:`SCALES`, and the per-cell total for ``"log1p"`` / ``"log2"`` (else NaN).
     """
-    rows = X[: min(X.shape[0], _SCALE_SAMPLE)]
+    rows = X[: min(X.shape[0], SCALE_SAMPLE_CELLS)]
     data = rows.data
     if data.size == 0 or np.all(data == np.round(data)):
         return "counts", np.nan

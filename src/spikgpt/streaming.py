@@ -1,44 +1,51 @@
-"""Annotating an ``.h5ad`` query too large for memory, chunk by chunk.
+"""Annotating a query too large for memory, chunk by chunk, on one machine or a Dask cluster.
 
-:func:`annotate_file` never holds the expression matrix: it reads rows from the file
-(``h5py`` + anndata's backed sparse datasets) and runs the model's steps
+:func:`annotate_file` never holds the expression matrix: it reads rows from an ``.h5ad`` file or
+a ``.zarr`` store (anndata's backed sparse datasets) and runs the model's steps
 (:meth:`~spikgpt.SpikGPTModel.predict`) in three passes:
 
-1. the mapping sample (:func:`spikgpt.mapping.query_sample`, ≤ 2,000 cells spread over the file)
-   is read, embedded and the query → reference translation estimated; the input scale is
+1. the mapping sample (:func:`spikgpt.mapping.query_sample`, ≤ 2,000 cells spread over the
+   store) is read, embedded and the query → reference translation estimated; the input scale is
    detected on the first rows, as in memory;
 2. every chunk of ``chunk_size`` cells is normalised, embedded, mapped, classified and scored for
-   novelty; its embedding is written straight into the output file;
+   novelty, in this process or, given a ``dask.distributed`` client, on the cluster's workers
+   (each opens the store and the model folder itself); the chunk's embedding goes straight into
+   the output;
 3. the Unknown decision (global shift correction, Benjamini–Hochberg) runs over the per-cell
    scores of the whole query — a few numbers per cell.
 
-The output is a copy of the input file with the ``obs`` columns, ``obsm`` embedding and ``uns``
-entry of :func:`spikgpt.annotate` added, written through a temporary file and a rename. Labels and
-scores equal the in-memory path's when every cell embeds (the default embedder always does;
-tested). Memory: the chunk (matrix, embedding, network activations) plus ~50 bytes per cell.
+The output is a copy of the input with the ``obs`` columns, ``obsm`` embedding and ``uns`` entry
+of :func:`spikgpt.annotate` added, written under a temporary name and renamed. Labels and scores
+equal the in-memory path's when every cell embeds (the default embedder always does; tested).
+Memory: the chunk (matrix, embedding, network activations) plus ~60 bytes per cell.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
+import tempfile
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import zarr
 from anndata.io import read_elem, sparse_dataset, write_elem
 from tqdm.auto import tqdm
 
-from spikgpt.data import Cells, check_input_file, write_atomic
+from spikgpt.data import SCALE_SAMPLE_CELLS, Cells, check_input_file, check_output_file, current_umask
 from spikgpt.errors import InputError
-from spikgpt.mapping import query_sample
+from spikgpt.mapping import Mapping, query_sample
 from spikgpt.model import SpikGPTModel
+from spikgpt.model.annotator import is_model_folder
 from spikgpt.openset.decision import check_fdr, check_shift
 from spikgpt.openset.novelty import score_names
 
@@ -48,38 +55,141 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 20_000
 
 
-class QueryFile:
-    """Rows of an open ``.h5ad`` file's expression (``X``, a layer or ``raw``) and its ``var``."""
+def open_store(path: Path, mode: str = "r") -> Any:
+    """An ``.h5ad`` file (h5py) or ``.zarr`` store (zarr group), with a clear error when unreadable."""
+    try:
+        if path.suffix == ".zarr":
+            # anndata consolidates a store's metadata; an edited copy is re-consolidated after writing.
+            return zarr.open_group(path, mode=mode, use_consolidated=False if mode != "r" else None)
+        return h5py.File(path, mode)
+    except Exception as err:  # h5py / zarr raise several unrelated types
+        msg = f"Cannot read {path} as AnnData ({type(err).__name__}: {err}). Is it a complete .h5ad / .zarr?"
+        raise InputError(msg) from err
 
-    def __init__(self, f: h5py.File, *, layer: str | None = None, use_raw: bool = False) -> None:
-        if use_raw and "raw" not in f:
-            raise InputError("use_raw=True but the file has no raw. Drop --use-raw or store raw counts in raw.")
+
+def _close(store: Any) -> None:
+    if isinstance(store, h5py.File):
+        store.close()
+
+
+class QueryStore:
+    """Rows of an open store's expression (``X``, a layer or ``raw``), its ``var`` and cell names."""
+
+    def __init__(self, store: Any, *, layer: str | None = None, use_raw: bool = False) -> None:
+        if use_raw and "raw" not in store:
+            raise InputError("use_raw=True but the query has no raw. Drop --use-raw or store raw counts in raw.")
         key = "raw/X" if use_raw else (f"layers/{layer}" if layer else "X")
-        if key not in f:
-            raise InputError(f"The file has no {key}. Available layers: {sorted(f.get('layers', {}))}.")
-        elem = f[key]
-        self.matrix = sparse_dataset(elem) if isinstance(elem, h5py.Group) else elem
-        self.var = read_elem(f["raw/var" if use_raw else "var"])
-        self.obs_names = pd.Index(read_elem(f["obs"]).index)
+        if key not in store:
+            layers = sorted(store["layers"].keys()) if "layers" in store else []
+            raise InputError(f"The query has no {key}. Available layers: {layers}.")
+        elem = store[key]
+        encoding = elem.attrs.get("encoding-type", "array")
+        if encoding == "csc_matrix":
+            msg = (
+                f"The query's {key} is stored column-wise (CSC): cells cannot be read in chunks. Store it "
+                "row-wise: `adata.X = adata.X.tocsr(); adata.write_h5ad(...)`."
+            )
+            raise InputError(msg)
+        self.matrix = sparse_dataset(elem) if encoding == "csr_matrix" else elem
+        self.var = read_elem(store["raw/var" if use_raw else "var"])
+        self.obs_names = pd.Index(read_elem(store["obs"]).index)
         self.n_obs = len(self.obs_names)
 
     def rows(self, index: slice | np.ndarray) -> ad.AnnData:
-        """The cells at ``index`` (a slice or sorted positions) in memory, with this file's ``var``."""
-        X = self.matrix[index]
+        """The cells at ``index`` (a slice or sorted positions) in memory, with the store's ``var``."""
+        m = self.matrix
+        X = m.oindex[index] if isinstance(index, np.ndarray) and hasattr(m, "oindex") else m[index]
         X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
         return ad.AnnData(X, obs=pd.DataFrame(index=self.obs_names[index]), var=self.var)
 
 
-@contextmanager
-def _open(path: Path, mode: str = "r"):
+@dataclass(frozen=True)
+class ChunkJob:
+    """What every chunk needs besides its rows: where to read, and the query-wide settings."""
+
+    query: str
+    layer: str | None
+    use_raw: bool
+    gene_key: str | None
+    scale: tuple[str, float]
+    names: tuple[str, ...]
+    mapping: Mapping | None
+
+
+@dataclass
+class ChunkResult:
+    """Per-cell outputs of one chunk (positions ``start:start + len``)."""
+
+    start: int
+    confidence: np.ndarray
+    raw_label: np.ndarray
+    embedded: np.ndarray
+    scores: dict[str, np.ndarray]
+    embedding: np.ndarray
+
+
+def run_chunk(
+    job: ChunkJob, model: SpikGPTModel, start: int, stop: int, source: QueryStore | None = None
+) -> ChunkResult:
+    """Classify and score the cells ``start:stop`` of ``job.query`` (opened here unless ``source`` is given)."""
+    store = None
+    if source is None:
+        store = open_store(Path(job.query))
+        source = QueryStore(store, layer=job.layer, use_raw=job.use_raw)
     try:
-        f = h5py.File(path, mode)
-    except OSError as err:
-        raise InputError(f"Cannot read {path} as .h5ad (HDF5): {err}. Is it a complete .h5ad file?") from err
-    try:
-        yield f
+        cells = Cells(source.rows(slice(start, stop)), gene_key=job.gene_key, scale=job.scale)
+        E, residual = model.embed(cells, job.names)
     finally:
-        f.close()
+        if store is not None:
+            _close(store)
+    part = model.classify(E, residual, job.mapping, job.names)
+    return ChunkResult(
+        start, part.confidence, part.raw_label, part.embedded, part.scores, part.embedding.astype(np.float32)
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_model(path: str) -> SpikGPTModel:
+    return SpikGPTModel.load(path)
+
+
+def _fetch(future: Any) -> ChunkResult:
+    """A finished chunk's result, released from the cluster's memory."""
+    result = future.result()
+    future.release()
+    return result
+
+
+def _run_chunk_on_worker(job: ChunkJob, model_path: str, start: int, stop: int) -> ChunkResult:
+    return run_chunk(job, _worker_model(model_path), start, stop)
+
+
+def check_output_store(path: str | os.PathLike, suffix: str, *, overwrite: bool) -> Path:
+    """:func:`~spikgpt.data.check_output_file` for ``.h5ad``; for ``.zarr`` only a store is ever replaced."""
+    path = Path(path)
+    if suffix != ".zarr":
+        return check_output_file(path, suffix, overwrite=overwrite)
+    if path.suffix != ".zarr":
+        raise InputError(f"Output {path} must end in .zarr (the query is a .zarr store).")
+    if path.exists():
+        if not (path / "zarr.json").exists() and not (path / ".zgroup").exists():
+            raise FileExistsError(f"{path} exists and is not a Zarr store; it is left untouched.")
+        if not overwrite:
+            raise FileExistsError(f"{path} exists. Choose another output or pass overwrite=True (--overwrite).")
+    return path
+
+
+def _new_dense(group: Any, name: str, shape: tuple[int, int]) -> Any:
+    """An empty float32 array ``group[name]`` in anndata's dense-array encoding, chunked by cells."""
+    if name in group:
+        del group[name]
+    chunks = (max(1, min(shape[0], 4096)), shape[1])
+    if isinstance(group, h5py.Group):
+        arr = group.create_dataset(name, shape=shape, dtype=np.float32, chunks=chunks)
+    else:
+        arr = group.create_array(name, shape=shape, dtype=np.float32, chunks=chunks)
+    arr.attrs["encoding-type"], arr.attrs["encoding-version"] = "array", "0.2.0"
+    return arr
 
 
 def annotate_file(
@@ -96,26 +206,31 @@ def annotate_file(
     shift: str | None = None,
     key_added: str = "spikgpt",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    client: Any = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Annotate an ``.h5ad`` file chunk by chunk and write the annotated copy to ``out``.
+    """Annotate an ``.h5ad`` file or ``.zarr`` store chunk by chunk; write the annotated copy to ``out``.
 
     Same results and keys as :func:`spikgpt.annotate` (see there), in memory bounded by
-    ``chunk_size`` rather than by the query. The input file is not modified.
+    ``chunk_size`` rather than by the query. The input is not modified.
 
     Parameters
     ----------
     query
-        Input ``.h5ad``.
+        Input ``.h5ad`` or ``.zarr``.
     model
-        A :class:`~spikgpt.SpikGPTModel` or a model folder.
+        A :class:`~spikgpt.SpikGPTModel` or a model folder (a folder when ``client`` is given, so
+        that workers load it themselves; a model object is then saved beside ``out`` first).
     out
-        Output ``.h5ad``: the input plus the annotation.
+        Output of the same format as ``query``: the input plus the annotation.
     layer, use_raw, gene_key, novelty, fdr, mapping, shift, key_added
         As in :func:`spikgpt.annotate`.
     chunk_size
         Cells per chunk (memory grows with it; results do not change).
+    client
+        A ``dask.distributed.Client``: chunks are classified on its workers, which must see
+        ``query`` and the model folder at the same paths (a shared file system or one machine).
     overwrite
         Replace an existing ``out``.
     progress
@@ -132,6 +247,8 @@ def annotate_file(
     if shift is not None:
         check_shift(shift)
     path = check_input_file(query)
+    out = check_output_store(out, path.suffix, overwrite=overwrite)
+    model_path = None if isinstance(model, SpikGPTModel) else Path(model)
     model = SpikGPTModel.coerce(model)
     fdr = model.fdr if fdr is None else float(fdr)
     check_fdr(fdr)
@@ -139,93 +256,115 @@ def annotate_file(
     names = score_names(method, model.novelty_components)
     use_mapping = model.mapping if mapping is None else mapping
     t0 = time.perf_counter()
-    with _open(path) as f:
-        src = QueryFile(f, layer=layer, use_raw=use_raw)
-        n = src.n_obs
-        if n == 0:
-            raise InputError(f"{path} has no cells. Pass a query with at least one cell.")
-        first = src.rows(slice(0, min(n, chunk_size)))
-        scale = _scale_of(first, gene_key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        store = open_store(path)
+        try:
+            src = QueryStore(store, layer=layer, use_raw=use_raw)
+            n = src.n_obs
+            if n == 0:
+                raise InputError(f"{path} has no cells. Pass a query with at least one cell.")
+            first = Cells(src.rows(slice(0, min(n, SCALE_SAMPLE_CELLS))), gene_key=gene_key).expression()
+            job = ChunkJob(str(path), layer, use_raw, gene_key, (first.scale, first.total), names, None)
+            mapped = None
+            if use_mapping and model.novelty is not None:
+                rows = query_sample(n)
+                sample = Cells(src.rows(rows), gene_key=gene_key, scale=job.scale)
+                E_s, _ = model.embed(sample, names)
+                ok = np.isfinite(E_s).all(axis=1)
+                mapped = model.map_query(E_s, n_query=n) if ok.all() else model.map_query(E_s[ok])
+            job = ChunkJob(job.query, layer, use_raw, gene_key, job.scale, names, mapped)
+            bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
+            if client is None:
+                results = (run_chunk(job, model, s, e, src) for s, e in bounds)
+            else:
+                if model_path is None or not is_model_folder(model_path):
+                    model_path = model.save(tmp / "model")
+                from distributed import as_completed
 
-        def cells(a: ad.AnnData) -> Cells:
-            return Cells(a, gene_key=gene_key, scale=scale)
-
-        mapped = None
-        if use_mapping and model.novelty is not None:
-            rows = query_sample(n)
-            E_s, _ = model.embed(cells(src.rows(rows)), names)
-            ok = np.isfinite(E_s).all(axis=1)
-            mapped = model.map_query(E_s, n_query=n) if ok.all() else model.map_query(E_s[ok])
-
-        label_parts, conf, raw = [], np.zeros(n, np.float32), np.empty(n, dtype=object)
-        embedded = np.zeros(n, dtype=bool)
-        scores: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        starts = range(0, n, chunk_size)
-
-        def write(tmp: str) -> None:
-            shutil.copyfile(path, tmp)
-            with h5py.File(tmp, "r+") as g:
-                obsm = g.require_group("obsm")
-                if f"X_{key_added}_embedding" in obsm:
-                    del obsm[f"X_{key_added}_embedding"]
-                ds = None
-                for s in tqdm(starts, desc="annotating", unit="chunk", disable=None if progress else True):
-                    chunk = first if s == 0 else src.rows(slice(s, min(n, s + chunk_size)))
-                    E, residual = model.embed(cells(chunk), names)
-                    part = model.classify(E, residual, mapped, names)
-                    stop = s + len(E)
-                    conf[s:stop], raw[s:stop], embedded[s:stop] = part.confidence, part.raw_label, part.embedded
-                    for name in names:
-                        scores[name].append(part.scores.get(name, np.zeros(0)))
-                    if ds is None:
-                        ds = obsm.create_dataset(
-                            f"X_{key_added}_embedding",
-                            shape=(n, E.shape[1]),
-                            dtype=np.float32,
-                            chunks=(min(n, 4096), E.shape[1]),
-                        )
-                        ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
-                    ds[s:stop] = part.embedding.astype(np.float32)
-                joined = {name: np.concatenate(v) for name, v in scores.items()} if model.novelty else {}
-                pvalue, qvalue, unknown, reason, removed = model.decide_unknown(joined, embedded, names, fdr, shift)
-                obs = read_elem(g["obs"])
-                cols = annotation_columns(model, raw, conf, pvalue, qvalue, unknown, reason, key_added)
-                cols.index = obs.index
-                obs = pd.concat([obs.drop(columns=cols.columns, errors="ignore"), cols], axis=1)
-                del g["obs"]
-                write_elem(g, "obs", obs)
-                label_parts.append(cols)
-                summary = annotation_summary(
-                    model,
-                    method,
-                    fdr,
-                    mapped,
-                    shift,
-                    removed,
-                    unknown,
-                    embedded,
-                    {"layer": layer, "use_raw": use_raw, "gene_key": gene_key},
-                    time.perf_counter() - t0,
+                done = as_completed(
+                    [client.submit(_run_chunk_on_worker, job, str(model_path), s, e, pure=False) for s, e in bounds]
                 )
-                uns = g.require_group("uns")
+                results = (_fetch(f) for f in done)
+            written = tmp / f"annotated{path.suffix}"
+            if path.suffix == ".zarr":
+                shutil.copytree(path, written)
+            else:
+                shutil.copyfile(path, written)
+            out_store = open_store(written, "r+")
+            try:
+                acc = _collect(out_store, results, len(bounds), n, names, key_added, progress)
+                pvalue, qvalue, unknown, reason, removed = model.decide_unknown(
+                    acc.scores if model.novelty is not None else {}, acc.embedded, names, fdr, shift
+                )
+                cols = annotation_columns(
+                    model, acc.raw_label, acc.confidence, pvalue, qvalue, unknown, reason, key_added
+                )
+                cols.index = src.obs_names
+                obs = read_elem(out_store["obs"])
+                obs = pd.concat([obs.drop(columns=cols.columns, errors="ignore"), cols.set_axis(obs.index)], axis=1)
+                del out_store["obs"]
+                write_elem(out_store, "obs", obs)
+                uns = out_store["uns"] if "uns" in out_store else out_store.create_group("uns")
                 if key_added in uns:
                     del uns[key_added]
+                source = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key}
+                summary = annotation_summary(
+                    model, method, fdr, mapped, shift, removed, unknown, acc.embedded, source, time.perf_counter() - t0
+                )
                 write_elem(uns, key_added, summary)
+            finally:
+                _close(out_store)
+            if written.suffix == ".zarr":
+                zarr.consolidate_metadata(str(written))
+        finally:
+            _close(store)
+        _replace(written, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    warn_if_mostly_unknown(unknown, key_added)
+    logger.info("Annotated %d cells in %d chunks; %d Unknown at FDR %.2f.", n, len(bounds), int(unknown.sum()), fdr)
+    return cols
 
-        write_atomic(out, write, overwrite=overwrite, suffix=".h5ad")
-    result = label_parts[0]
-    warn_if_mostly_unknown(result[f"{key_added}_label"].to_numpy() == "Unknown", key_added)
-    logger.info(
-        "Annotated %d cells in chunks of %d; %d Unknown at FDR %.2f.",
-        n,
-        chunk_size,
-        int((result[f"{key_added}_label"] == "Unknown").sum()),
-        fdr,
-    )
-    return result
+
+@dataclass
+class _Collected:
+    confidence: np.ndarray
+    raw_label: np.ndarray
+    embedded: np.ndarray
+    scores: dict[str, np.ndarray]
 
 
-def _scale_of(first: ad.AnnData, gene_key: str | None) -> tuple[str, float]:
-    """The input scale detected on the first rows, as the in-memory path detects it."""
-    expr = Cells(first, gene_key=gene_key).expression()
-    return expr.scale, expr.total
+def _collect(
+    out_store: Any, results, n_chunks: int, n: int, names: tuple[str, ...], key_added: str, progress: bool
+) -> _Collected:
+    """Write each chunk's embedding into ``out_store`` as it arrives; keep its per-cell numbers."""
+    conf, raw = np.zeros(n, np.float32), np.empty(n, dtype=object)
+    embedded = np.zeros(n, dtype=bool)
+    parts: dict[int, dict[str, np.ndarray]] = {}
+    obsm = out_store["obsm"] if "obsm" in out_store else out_store.create_group("obsm")
+    arr = None
+    for r in tqdm(results, total=n_chunks, desc="annotating", unit="chunk", disable=None if progress else True):
+        stop = r.start + len(r.confidence)
+        conf[r.start : stop], raw[r.start : stop], embedded[r.start : stop] = r.confidence, r.raw_label, r.embedded
+        parts[r.start] = r.scores
+        if arr is None:
+            arr = _new_dense(obsm, f"X_{key_added}_embedding", (n, r.embedding.shape[1]))
+        arr[r.start : stop] = r.embedding
+    # Chunks may arrive out of order (a cluster); the scores of embedded cells are joined in cell order.
+    scores = {name: np.concatenate([parts[k].get(name, np.zeros(0)) for k in sorted(parts)]) for name in names}
+    return _Collected(conf, raw, embedded, scores)
+
+
+def _replace(written: Path, out: Path) -> None:
+    """Move the finished output into place (its permissions from the umask)."""
+    mode = 0o777 if written.is_dir() else 0o666
+    os.chmod(written, mode & ~current_umask())
+    if out.is_dir():
+        old = out.with_name(f".{out.name}.old")
+        os.replace(out, old)
+        os.replace(written, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(written, out)
