@@ -29,6 +29,7 @@ from sklearn.model_selection import train_test_split
 import spikgpt
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS
 from spikgpt.data import Cells
+from spikgpt.embed.default import DefaultEmbedder
 
 
 def scenarios(data_root: Path):
@@ -91,6 +92,9 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--only", nargs="*", default=None, help="dataset names to run")
+    p.add_argument(
+        "--values", choices=["log", "rank"], default=None, help="DefaultEmbedder(values=...); default: the package's"
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +106,8 @@ def main() -> None:
             if f.exists():
                 continue
             t0 = time.perf_counter()
-            model = spikgpt.train(ref, key, seed=seed, progress=False, **kw)
+            emb = "default" if args.values is None else DefaultEmbedder(values=args.values)
+            model = spikgpt.train(ref, key, embedder=emb, seed=seed, progress=False, **kw)
             data = cache_one(model, query, key, kw)
             model.save(f.with_suffix(""), overwrite=True)
             np.savez_compressed(f, dataset=dataset, **data)

@@ -153,40 +153,51 @@ def objective(s: dict, fdr: float) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", type=Path, default=Path("benchmarks/results/novelty_cache"))
+    p.add_argument(
+        "--cache",
+        nargs="+",
+        default=["benchmarks/results/novelty_cache"],
+        help="cache folder(s); LABEL=DIR compares representations (e.g. log=DIR1 rank=DIR2), chosen by macro-F1",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/novelty_decision"))
     p.add_argument("--fdr", type=float, default=DEFAULT_FDR)
     p.add_argument("--draws", type=int, default=5)
     args = p.parse_args()
-    scen = load(args.cache)
+    caches = dict(c.split("=", 1) if "=" in c else ("", c) for c in args.cache)
     candidates = [
         c for c in product(COMPONENTS, SHIFT_MODES, (False, True), (True, False)) if c[1] != "none" or not c[2]
     ]
     per = {}  # (candidate) -> dataset -> rows
-    for comp, shift, matched, mapping in candidates:
-        key = f"{comp}|shift={shift}{'@matched' if matched else ''}|{'mnn' if mapping else 'nomap'}"
-        per[key] = {}
-        for sc in scen:
-            rows = evaluate(sc, COMPONENTS[comp], shift, matched, mapping, args.fdr, args.draws)
-            for r in rows:
-                r["scenario"] = sc["name"]
-            per[key].setdefault(str(sc["dataset"]), []).extend(rows)
-    datasets = sorted({str(sc["dataset"]) for sc in scen})
+    f1 = {}  # (representation, mapping) -> dataset -> macro-F1
+    for label, folder in caches.items():
+        scen = load(Path(folder))
+        datasets = sorted({str(sc["dataset"]) for sc in scen})
+        prefix = f"{label}|" if label else ""
+        for m in (False, True):
+            f1[(label, m)] = {
+                d: float(np.mean([sc["mapped"][m]["macro_f1"] for sc in scen if sc["dataset"] == d])) for d in datasets
+            }
+        for comp, shift, matched, mapping in candidates:
+            key = f"{prefix}{comp}|shift={shift}{'@matched' if matched else ''}|{'mnn' if mapping else 'nomap'}"
+            per[key] = {}
+            for sc in scen:
+                rows = evaluate(sc, COMPONENTS[comp], shift, matched, mapping, args.fdr, args.draws)
+                for r in rows:
+                    r["scenario"] = sc["name"]
+                per[key].setdefault(str(sc["dataset"]), []).extend(rows)
     table = {k: {d: summarise(v[d]) for d in datasets} for k, v in per.items()}
-    f1 = {
-        m: {d: float(np.mean([sc["mapped"][m]["macro_f1"] for sc in scen if sc["dataset"] == d])) for d in datasets}
-        for m in (False, True)
-    }
 
-    def choose(train: list[str]) -> tuple[bool, str, float]:
-        """Mapping by macro-F1 of known types, then the rule by the objective, both on ``train``."""
-        mapping = max((False, True), key=lambda m: np.mean([f1[m][d] for d in train]))
-        tag = "mnn" if mapping else "nomap"
+    def choose(train: list[str]) -> tuple[tuple[str, bool], str, float]:
+        """Representation and mapping by macro-F1 of known types, then the rule by the objective, on ``train``."""
+        rep, mapping = max(f1, key=lambda lm: np.mean([f1[lm][d] for d in train]))
+        prefix, tag = (f"{rep}|" if rep else ""), ("mnn" if mapping else "nomap")
         score = {
-            k: objective(summarise([r for d in train for r in per[k][d]]), args.fdr) for k in per if k.endswith(tag)
+            k: objective(summarise([r for d in train for r in per[k][d]]), args.fdr)
+            for k in per
+            if k.endswith(tag) and (not prefix or k.startswith(prefix))
         }
         best = max(score, key=score.get)
-        return mapping, best, score[best]
+        return (rep, mapping), best, score[best]
 
     lodo = {}
     for held in datasets:
@@ -195,8 +206,9 @@ def main() -> None:
             "chosen": best,
             "objective_on_others": obj,
             **table[best][held],
-            "macro_f1_no_mapping": f1[False][held],
-            "macro_f1_mapping": f1[True][held],
+            **{
+                f"macro_f1_{rep or 'default'}_{'mapping' if m else 'no_mapping'}": v[held] for (rep, m), v in f1.items()
+            },
         }
     mapping, default, _ = choose(datasets)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +220,7 @@ def main() -> None:
         "lodo": lodo,
         "default": default,
         "table": table,
-        "macro_f1_by_mapping": {str(k): v for k, v in f1.items()},
+        "macro_f1_by_representation_and_mapping": {f"{k[0] or 'default'}|mapping={k[1]}": v for k, v in f1.items()},
         "scenarios": {k: [r for d in datasets for r in per[k][d]] for k in keep},
     }
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
@@ -243,8 +255,12 @@ def main() -> None:
         "",
         f"Default (chosen on all datasets): `{default}`.",
         "",
-        "Macro-F1 of known types without / with mapping: "
-        + ", ".join(f"{d} {f1[False][d]:.3f} / {f1[True][d]:.3f}" for d in datasets)
+        "Macro-F1 of known types (representation, without / with mapping): "
+        + "; ".join(
+            f"{rep or 'default'}: "
+            + ", ".join(f"{d} {f1[(rep, False)][d]:.3f} / {f1[(rep, True)][d]:.3f}" for d in datasets)
+            for rep in caches
+        )
         + ".",
     ]
     lines += [

@@ -12,7 +12,12 @@ held in memory). Each run is a fresh process, measured from outside (wall clock;
 - CellTypist 1.7.1 (its own environment, ``.venv-celltypist``, made by ``spikgpt bench``):
   ``celltypist.annotate(Q, model, mode="best match")`` reading the same file, no output written.
 
-    python benchmarks/scale.py --sizes 10000 100000 300000 1000000 --out benchmarks/results/scale
+    python benchmarks/scale.py --sizes 10000 100000 300000 1000000 --references 10000 50000 200000 500000 \
+        --out benchmarks/results/scale
+
+References (``--references``): the 936 control cells resampled the same way (seed 1) with their
+labels; ``spikgpt train`` with default settings is timed, and the model's macro-F1 (labels before
+the Unknown decision) measured on the real stimulated cells.
 """
 
 from __future__ import annotations
@@ -52,14 +57,20 @@ print(pred.predicted_labels.shape)
 """
 
 
-def write_query(src: ad.AnnData, n: int, path: Path, chunk: int = 50_000, seed: int = 0) -> None:
-    """N resampled, jittered cells of ``src`` as a CSR .h5ad, written chunk by chunk."""
+def write_resampled(
+    src: ad.AnnData, n: int, path: Path, *, label_key: str | None = None, chunk: int = 50_000, seed: int = 0
+) -> None:
+    """N resampled, jittered cells of ``src`` (with their ``label_key``) as a CSR .h5ad, written chunk by chunk."""
     rng = np.random.default_rng(seed)
     X = sp.csr_matrix(src.X, dtype=np.float32)
+    pick = rng.integers(0, X.shape[0], n)
     tmp = path.with_suffix(".tmp")
     with h5py.File(tmp, "w") as f:
         f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
-        write_elem(f, "obs", pd.DataFrame(index=[f"cell{i}" for i in range(n)]))
+        obs = pd.DataFrame(index=[f"cell{i}" for i in range(n)])
+        if label_key:
+            obs[label_key] = pd.Categorical(src.obs[label_key].to_numpy()[pick])
+        write_elem(f, "obs", obs)
         write_elem(f, "var", pd.DataFrame(index=src.var_names.copy()))
         for key in ("uns", "obsm", "varm", "layers", "obsp", "varp"):
             write_elem(f, key, {})
@@ -71,7 +82,7 @@ def write_query(src: ad.AnnData, n: int, path: Path, chunk: int = 50_000, seed: 
         indptr = [np.zeros(1, np.int64)]
         nnz = 0
         for s in range(0, n, chunk):
-            part = X[rng.integers(0, X.shape[0], min(chunk, n - s))]
+            part = X[pick[s : s + chunk]]
             part.data = part.data * np.exp(rng.normal(0, 0.1, part.nnz)).astype(np.float32)
             data.resize((nnz + part.nnz,))
             indices.resize((nnz + part.nnz,))
@@ -97,12 +108,37 @@ def measure(cmd: list[str]) -> dict:
     return {"seconds": round(wall, 1), "peak_rss_mb": round(rss / 1024)}
 
 
+def references(full: ad.AnnData, sizes: list[int], work: Path, spikgpt: str) -> list[dict]:
+    """Train on resampled control references of each size; macro-F1 on the real stimulated cells."""
+    from sklearn.metrics import f1_score
+
+    import spikgpt as sg
+
+    control = full[full.obs["condition"] == "control"].copy()
+    query = full[full.obs["condition"] == "stimulated"].copy()
+    rows = []
+    for n in sizes:
+        ref = work / f"reference_{n}.h5ad"
+        if not ref.exists():
+            write_resampled(control, n, ref, label_key="cell_type", seed=1)
+        model = work / f"model_{n}"
+        cmd = [spikgpt, "train", str(ref), "--label-key", "cell_type", "--out", str(model), "--overwrite", "--quiet"]
+        row = {"cells": n, "file_mb": round(ref.stat().st_size / 2**20), "spikgpt": measure(cmd)}
+        if model.exists():
+            pred = sg.annotate(query, str(model), copy=True, progress=False).obs["spikgpt_raw_label"].astype(str)
+            row["macro_f1"] = round(float(f1_score(query.obs["cell_type"].astype(str), pred, average="macro")), 3)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 300_000, 1_000_000])
     parser.add_argument("--work", type=Path, default=Path("/tmp/spikgpt_scale"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--celltypist-max", type=int, default=1_000_000, help="largest query CellTypist is run on")
+    parser.add_argument("--references", type=int, nargs="*", default=[], help="reference sizes to train on")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     spikgpt = str(Path(sys.executable).parent / "spikgpt")
@@ -117,13 +153,27 @@ def main() -> None:
     ct_model = args.work / "celltypist.pkl"
     if CELLTYPIST_PY.exists() and not ct_model.exists():
         subprocess.run([str(CELLTYPIST_PY), "-c", CELLTYPIST_TRAIN, str(DATA), str(ct_model)], check=True)
-    src = ad.read_h5ad(DATA)
-    src = src[src.obs["condition"] == "stimulated"].copy()
+    full = ad.read_h5ad(DATA)
+    src = full[full.obs["condition"] == "stimulated"].copy()
+    if args.references:
+        train_rows = references(full, args.references, args.work, spikgpt)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "training.json").write_text(json.dumps(train_rows, indent=1) + "\n")
+        table = [
+            "| reference cells | file | train s | peak RSS | macro-F1 on the stimulated cells |",
+            "|---|---|---|---|---|",
+        ]
+        for r in train_rows:
+            m = r["spikgpt"]
+            cost = f"failed: {m['error']}" if "error" in m else f"{m['seconds']} | {m['peak_rss_mb']} MB"
+            table.append(f"| {r['cells']:,} | {r['file_mb']} MB | {cost} | {r.get('macro_f1', '')} |")
+        (args.out / "training.md").write_text("\n".join(table) + "\n")
+        print("\n".join(table))
     rows = []
     for n in args.sizes:
         q = args.work / f"query_{n}.h5ad"
         if not q.exists():
-            write_query(src, n, q)
+            write_resampled(src, n, q)
         out = args.work / f"annotated_{n}.h5ad"
         out.unlink(missing_ok=True)
         row = {"cells": n, "file_mb": round(q.stat().st_size / 2**20)}

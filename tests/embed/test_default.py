@@ -36,6 +36,24 @@ def test_self_scaling_removes_a_global_shift(counts):
     assert d_own < 0.05 < 1.0 < d_ref  # clipping at ±10 leaves a small residue
 
 
+def test_rank_values_ignore_a_per_cell_monotone_distortion(counts):
+    import anndata as ad
+
+    from spikgpt.data import prepare
+
+    logged = ad.AnnData(prepare(counts).X.copy(), obs=counts.obs, var=counts.var)
+    distorted = logged.copy()
+    distorted.X = distorted.X.power(1.7).multiply(np.linspace(0.5, 2, counts.n_obs)[:, None]).tocsr()
+    for values, same in (("rank", True), ("log", False)):
+        emb = DefaultEmbedder(values=values).fit(Cells(logged))
+        a, b = emb.transform(Cells(logged)), emb.transform(Cells(distorted))
+        assert np.allclose(a, b, atol=1e-4) is same, values
+        again = embedder_from_config(emb.config(), emb.arrays())
+        np.testing.assert_array_equal(again.transform(Cells(logged)), a)
+    with pytest.raises(InputError, match="values must be"):
+        DefaultEmbedder(values="binned")
+
+
 def test_bad_specs():
     with pytest.raises(InputError, match="Unknown embedder"):
         make_embedder("geneformer")

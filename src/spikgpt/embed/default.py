@@ -1,10 +1,10 @@
 """``default``: the built-in embedder — no download, fitted on the reference.
 
 Highly variable genes of the reference (scanpy, Seurat flavour) → standardised with the
-reference's mean and s.d. (clipped at ±10) → PCA fitted on the reference (at most 50,000 cells,
-sampled with the seed). Query genes absent from the reference are ignored; reference genes
-absent from the query are set to the reference mean (0 after scaling), and the fraction found
-is logged (too little is an error, see :func:`spikgpt.data.align`).
+reference's mean and s.d. (clipped at ±10) → PCA fitted on the reference (genes and components
+chosen on at most 50,000 cells, sampled with the seed). Query genes absent from the reference
+are ignored; reference genes absent from the query are set to the reference mean (0 after
+scaling), and the fraction found is logged (too little is an error, see :func:`spikgpt.data.align`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import scanpy as sc
+from scipy.stats import rankdata
 from sklearn.decomposition import PCA
 
 from spikgpt.data import Cells, align
@@ -40,6 +41,11 @@ class DefaultEmbedder(Embedder):
         ``"reference"``: standardise every dataset with the reference's mean and s.d. (what most
         annotators do). ``"self"``: standardise each annotated dataset on its own mean and s.d. —
         robust to strong batch effects, but it assumes a similar cell-type composition.
+    values
+        ``"log"``: log1p expression of the selected genes. ``"rank"``: each cell's expression
+        replaced by its ranks among the selected genes (ties averaged, centred and scaled per
+        cell — the Spearman view SingleR correlates), which ignores any per-cell monotone
+        distortion of a protocol or batch.
     """
 
     kind = "default"
@@ -49,11 +55,15 @@ class DefaultEmbedder(Embedder):
         n_genes: int = 2000,
         n_components: int = 50,
         scale: Literal["reference", "self"] = "reference",
+        values: Literal["log", "rank"] = "log",
     ) -> None:
         if scale not in ("reference", "self"):
             msg = f"scale must be 'reference' or 'self', got {scale!r}."
             raise InputError(msg)
-        self.n_genes, self.n_components, self.scale = n_genes, n_components, scale
+        if values not in ("log", "rank"):
+            msg = f"values must be 'log' or 'rank', got {values!r}."
+            raise InputError(msg)
+        self.n_genes, self.n_components, self.scale, self.values = n_genes, n_components, scale, values
         self.genes: np.ndarray | None = None
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
@@ -80,14 +90,16 @@ class DefaultEmbedder(Embedder):
         if expr.X.shape[0] < 3:
             msg = f"The default embedder needs at least 3 reference cells, got {expr.X.shape[0]}."
             raise InputError(msg)
-        self.genes = self._select_genes(expr.X, expr.genes)
-        X, _ = align(expr, self.genes)
-        self.mean, self.std = _moments(X)
+        # Gene selection and PCA see at most MAX_FIT_CELLS cells (seeded sample): an atlas
+        # reference costs what a 50,000-cell one does; the moments use every cell (sparse, cheap).
         rng = np.random.default_rng(seed)
-        rows = np.arange(X.shape[0])
-        if X.shape[0] > MAX_FIT_CELLS:
-            rows = np.sort(rng.choice(X.shape[0], MAX_FIT_CELLS, replace=False))
-        Z = self._scale(X[rows].toarray(), self.mean, self.std)
+        rows = np.arange(expr.X.shape[0])
+        if expr.X.shape[0] > MAX_FIT_CELLS:
+            rows = np.sort(rng.choice(expr.X.shape[0], MAX_FIT_CELLS, replace=False))
+        self.genes = self._select_genes(expr.X[rows] if len(rows) < expr.X.shape[0] else expr.X, expr.genes)
+        X, _ = align(expr, self.genes)
+        self.mean, self.std = _moments(X) if self.values == "log" else _dense_moments(X, self._values)
+        Z = self._scale(self._values(X[rows]), self.mean, self.std)
         k = int(min(self.n_components, Z.shape[0] - 1, Z.shape[1]))
         pca = PCA(n_components=k, svd_solver="randomized" if k < min(Z.shape) // 2 else "full", random_state=seed)
         pca.fit(Z)
@@ -96,6 +108,15 @@ class DefaultEmbedder(Embedder):
         self.components = pca.components_.astype(np.float32)
         logger.info("Default embedder: %d genes → %d components.", len(self.genes), k)
         return self
+
+    def _values(self, X) -> np.ndarray:
+        """Dense float32 values of sparse rows ``X`` as the embedder reads them (see ``values``)."""
+        dense = X.toarray()
+        if self.values == "rank":
+            dense = rankdata(dense, axis=1).astype(np.float32)
+            dense -= dense.mean(axis=1, keepdims=True)
+            dense /= np.maximum(np.sqrt((dense**2).mean(axis=1, keepdims=True)), 1e-6)
+        return dense
 
     @staticmethod
     def _scale(dense: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -124,13 +145,13 @@ class DefaultEmbedder(Embedder):
             raise RuntimeError(msg)
         X, present = cells.aligned(self.genes)
         if self.scale == "self":
-            mean, std = _moments(X)
+            mean, std = _moments(X) if self.values == "log" else _dense_moments(X, self._values)
         else:
             mean, std = self.mean, self.std
         out = np.empty((X.shape[0], self.dim), dtype=np.float32)
         res = np.empty(X.shape[0], dtype=np.float32) if residual else None
         for start in range(0, X.shape[0], CHUNK):
-            Z = self._scale(X[start : start + CHUNK].toarray(), mean, std)
+            Z = self._scale(self._values(X[start : start + CHUNK]), mean, std)
             Z[:, ~present] = 0.0
             E = Z @ self.components.T
             out[start : start + CHUNK] = E
@@ -144,6 +165,7 @@ class DefaultEmbedder(Embedder):
             "n_genes": self.n_genes,
             "n_components": self.n_components,
             "scale": self.scale,
+            "values": self.values,
             "genes": None if self.genes is None else self.genes.tolist(),
         }
 
@@ -152,11 +174,25 @@ class DefaultEmbedder(Embedder):
 
     @classmethod
     def from_state(cls, config: dict, arrays: dict[str, np.ndarray]) -> DefaultEmbedder:  # noqa: D102
-        emb = cls(config["n_genes"], config["n_components"], config["scale"])
+        emb = cls(config["n_genes"], config["n_components"], config["scale"], config.get("values", "log"))
         emb.genes = np.asarray(config["genes"], dtype=str)
         emb.mean, emb.std = arrays["mean"], arrays["std"]
         emb.components = arrays["components"]
         return emb
+
+
+def _dense_moments(X, values) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and s.d. of ``values(rows)``, chunk by chunk."""
+    total = np.zeros(X.shape[1])
+    sq = np.zeros(X.shape[1])
+    for start in range(0, X.shape[0], CHUNK):
+        D = values(X[start : start + CHUNK]).astype(np.float64)
+        total += D.sum(axis=0)
+        sq += (D**2).sum(axis=0)
+    mean = total / max(X.shape[0], 1)
+    std = np.sqrt(np.maximum(sq / max(X.shape[0], 1) - mean**2, 0))
+    std[std < 1e-6] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
 
 
 def _moments(X) -> tuple[np.ndarray, np.ndarray]:

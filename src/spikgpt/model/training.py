@@ -55,6 +55,10 @@ class TrainConfig(JSONConfig):
         (floating-point sums in another order) and training slows down many times over when
         other processes compete for the cores. Raise it for atlas-sized references on a
         dedicated machine.
+    device
+        Torch device of the training loop (``"cpu"``, ``"cuda"``, …); ``None`` takes the GPU when
+        one is present. The trained network always comes back on the CPU. Results are
+        bit-for-bit reproducible on the CPU only.
     """
 
     lr: float = 2e-3
@@ -66,6 +70,7 @@ class TrainConfig(JSONConfig):
     val_fraction: float = 0.15
     label_smoothing: float = 0.05
     num_threads: int = 1
+    device: str | None = None
 
 
 def stratified_split(
@@ -177,16 +182,18 @@ def _fit(
     tr, va = stratified_split(y, cfg.val_fraction, min_cells=MIN_SPLIT_CELLS, seed=seed)
     if len(va) == 0:  # nothing splittable (every class tiny): early-stop on the training cells
         va = tr
-    Xt, yt = torch.as_tensor(X[tr]), torch.as_tensor(y[tr], dtype=torch.long)
-    Xv, yv = torch.as_tensor(X[va]), torch.as_tensor(y[va], dtype=torch.long)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    Xt, yt = torch.as_tensor(X[tr]).to(device), torch.as_tensor(y[tr], dtype=torch.long).to(device)
+    Xv, yv = torch.as_tensor(X[va]).to(device), torch.as_tensor(y[va], dtype=torch.long).to(device)
     bs = cfg.batch_size or int(np.clip(len(tr) // 8, 32, 256))
     steps_per_epoch = math.ceil(len(tr) / bs)
     epochs = max(1, min(cfg.max_epochs, cfg.max_steps // steps_per_epoch))
 
-    net = SpikingTransformer(net_cfg)
+    net = SpikingTransformer(net_cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
     weights = class_weights(y[tr], net_cfg.n_classes)
+    weights = weights.to(device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
     val_loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
 
@@ -198,7 +205,7 @@ def _fit(
         perm = torch.randperm(len(tr), generator=gen)
         total = 0.0
         for start in range(0, len(tr), bs):
-            b = perm[start : start + bs]
+            b = perm[start : start + bs].to(device)
             if len(b) < 2:  # BatchNorm needs two samples
                 continue
             loss = loss_fn(net(Xt[b]).mean(0), yt[b])
@@ -225,7 +232,7 @@ def _fit(
                 break
     bar.close()
     net.load_state_dict(best)
-    net.eval()
+    net = net.cpu().eval()
     history.update(epochs_run=epoch + 1, batch_size=bs, n_train=len(tr), n_val=len(va))
     logger.info(
         "Trained %d epochs (best %d): val loss %.3f, val accuracy %.3f.",
