@@ -79,8 +79,11 @@ def test_bad_inputs(trained, tmp_path):
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
-def test_zarr_store_and_in_place_overwrite(trained, tmp_path, zarr_format):
+def test_zarr_store_and_in_place_overwrite(trained, tmp_path, monkeypatch, zarr_format):
+    monkeypatch.setattr(mapping, "MAX_QUERY_CELLS", 50)  # rows drawn from the store
     query = synthetic_counts({"A": 40, "B": 40, "C": 20}, seed=3)
+    if zarr_format == 3:
+        query.X = query.X.toarray()  # a dense store too
     store = tmp_path / "q.zarr"
     with ad.settings.override(zarr_write_format=zarr_format):
         query.write_zarr(store)

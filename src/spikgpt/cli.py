@@ -69,7 +69,9 @@ def train(
     reference: Annotated[Path, typer.Argument(help="Labelled reference .h5ad.")],
     label_key: Annotated[str, typer.Option(help="obs column with cell types.")],
     out: Annotated[Path, typer.Option(help="Model folder to write.")],
-    embedder: Annotated[str, typer.Option(help="'default', 'obsm:KEY' or 'scgpt:PATH'.")] = "default",
+    embedder: Annotated[
+        str, typer.Option(help="'default', 'default:rank' (per-cell ranks), 'obsm:KEY' or 'scgpt:PATH'.")
+    ] = "default",
     layer: Layer = None,
     use_raw: UseRaw = False,
     gene_key: GeneKey = None,

@@ -61,3 +61,6 @@ def test_bad_specs():
         make_embedder("obsm")
     with pytest.raises(InputError, match="scale"):
         DefaultEmbedder(scale="batch")
+    with pytest.raises(InputError, match="default:rank"):
+        make_embedder("default:binned")
+    assert make_embedder("default:rank").values == "rank" and make_embedder("default").values == "log"

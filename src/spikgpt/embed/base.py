@@ -75,8 +75,10 @@ def make_embedder(spec: str | Embedder) -> Embedder:
     Parameters
     ----------
     spec
-        ``"default"``, ``"obsm:KEY"`` (a precomputed ``obsm`` embedding) or ``"scgpt:PATH"``
-        (an official scGPT checkpoint folder); an :class:`Embedder` is returned as is.
+        ``"default"`` (``"default:rank"``: per-cell ranks, see
+        :class:`~spikgpt.embed.default.DefaultEmbedder`), ``"obsm:KEY"`` (a precomputed ``obsm``
+        embedding) or ``"scgpt:PATH"`` (an official scGPT checkpoint folder); an :class:`Embedder`
+        is returned as is.
 
     Returns
     -------
@@ -94,10 +96,10 @@ def make_embedder(spec: str | Embedder) -> Embedder:
         raise InputError(msg)
     cls = registry[kind]
     if kind == "default":
-        if arg:
-            msg = f"The default embedder takes no argument, got {spec!r}."
+        if arg not in ("", "log", "rank"):
+            msg = f"The default embedder takes 'default', 'default:log' or 'default:rank', got {spec!r}."
             raise InputError(msg)
-        return cls()
+        return cls(values=arg or "log")
     if not arg:
         msg = f"Embedder {kind!r} needs an argument: '{kind}:...'."
         raise InputError(msg)
