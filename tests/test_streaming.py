@@ -128,3 +128,14 @@ def test_dask_cluster_gives_the_single_process_labels(trained, tmp_path):
         ad.read_zarr(tmp_path / "dask.zarr").obsm["X_spikgpt_embedding"],
         rtol=1e-6,
     )
+
+
+def test_obsm_embedder_model_streams(tmp_path):
+    ref = synthetic_counts({"A": 60, "B": 60, "C": 40}, seed=1)
+    query = synthetic_counts({"A": 30, "B": 30, "C": 20}, seed=2)
+    for a in (ref, query):
+        a.obsm["X_emb"] = np.asarray(a.X[:, :24].todense(), dtype=np.float32)  # the marker blocks
+    model = spikgpt.train(ref, "cell_type", embedder="obsm:X_emb", progress=False, seed=0)
+    query.write_h5ad(tmp_path / "q.h5ad")
+    annotate_file(tmp_path / "q.h5ad", model, tmp_path / "o.h5ad", chunk_size=33, progress=False)
+    _assert_same(ad.read_h5ad(tmp_path / "o.h5ad"), spikgpt.annotate(query, model, copy=True, progress=False))

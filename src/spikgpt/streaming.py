@@ -42,6 +42,8 @@ from anndata.io import read_elem, sparse_dataset, write_elem
 from tqdm.auto import tqdm
 
 from spikgpt.data import SCALE_SAMPLE_CELLS, Cells, check_input_file, check_output_file, current_umask
+from spikgpt.embed.default import DefaultEmbedder
+from spikgpt.embed.obsm import ObsmEmbedder
 from spikgpt.errors import InputError
 from spikgpt.mapping import Mapping, query_sample
 from spikgpt.model import SpikGPTModel
@@ -75,7 +77,9 @@ def _close(store: Any) -> None:
 class QueryStore:
     """Rows of an open store's expression (``X``, a layer or ``raw``), its ``var`` and cell names."""
 
-    def __init__(self, store: Any, *, layer: str | None = None, use_raw: bool = False) -> None:
+    def __init__(
+        self, store: Any, *, layer: str | None = None, use_raw: bool = False, obsm_keys: tuple[str, ...] = ()
+    ) -> None:
         if use_raw and "raw" not in store:
             raise InputError("use_raw=True but the query has no raw. Drop --use-raw or store raw counts in raw.")
         key = "raw/X" if use_raw else (f"layers/{layer}" if layer else "X")
@@ -94,13 +98,21 @@ class QueryStore:
         self.var = read_elem(store["raw/var" if use_raw else "var"])
         self.obs_names = pd.Index(read_elem(store["obs"]).index)
         self.n_obs = len(self.obs_names)
+        # Embeddings an obsm-based model reads (absent keys are reported by the embedder).
+        held = store["obsm"] if "obsm" in store else {}
+        self.obsm = {k: held[k] for k in obsm_keys if k in held}
 
     def rows(self, index: slice | np.ndarray) -> ad.AnnData:
         """The cells at ``index`` (a slice or sorted positions) in memory, with the store's ``var``."""
-        m = self.matrix
-        X = m.oindex[index] if isinstance(index, np.ndarray) and hasattr(m, "oindex") else m[index]
+        X = _take(self.matrix, index)
         X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
-        return ad.AnnData(X, obs=pd.DataFrame(index=self.obs_names[index]), var=self.var)
+        obsm = {k: np.asarray(_take(v, index)) for k, v in self.obsm.items()}
+        return ad.AnnData(X, obs=pd.DataFrame(index=self.obs_names[index]), var=self.var, obsm=obsm)
+
+
+def _take(elem: Any, index: slice | np.ndarray) -> Any:
+    """Rows ``index`` of a backed sparse dataset, h5py dataset or zarr array."""
+    return elem.oindex[index] if isinstance(index, np.ndarray) and hasattr(elem, "oindex") else elem[index]
 
 
 @dataclass(frozen=True)
@@ -111,9 +123,10 @@ class ChunkJob:
     layer: str | None
     use_raw: bool
     gene_key: str | None
-    scale: tuple[str, float]
+    scale: tuple[str, float] | None
     names: tuple[str, ...]
     mapping: Mapping | None
+    obsm_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -135,7 +148,7 @@ def run_chunk(
     store = None
     if source is None:
         store = open_store(Path(job.query))
-        source = QueryStore(store, layer=job.layer, use_raw=job.use_raw)
+        source = QueryStore(store, layer=job.layer, use_raw=job.use_raw, obsm_keys=job.obsm_keys)
     try:
         cells = Cells(source.rows(slice(start, stop)), gene_key=job.gene_key, scale=job.scale)
         E, residual = model.embed(cells, job.names)
@@ -261,12 +274,16 @@ def annotate_file(
     try:
         store = open_store(path)
         try:
-            src = QueryStore(store, layer=layer, use_raw=use_raw)
+            obsm_keys = (model.embedder.key,) if isinstance(model.embedder, ObsmEmbedder) else ()
+            src = QueryStore(store, layer=layer, use_raw=use_raw, obsm_keys=obsm_keys)
             n = src.n_obs
             if n == 0:
                 raise InputError(f"{path} has no cells. Pass a query with at least one cell.")
-            first = Cells(src.rows(slice(0, min(n, SCALE_SAMPLE_CELLS))), gene_key=gene_key).expression()
-            job = ChunkJob(str(path), layer, use_raw, gene_key, (first.scale, first.total), names, None)
+            scale = None  # only the default embedder reads the normalised matrix
+            if isinstance(model.embedder, DefaultEmbedder):
+                first = Cells(src.rows(slice(0, min(n, SCALE_SAMPLE_CELLS))), gene_key=gene_key).expression()
+                scale = (first.scale, first.total)
+            job = ChunkJob(str(path), layer, use_raw, gene_key, scale, names, None, obsm_keys)
             mapped = None
             if use_mapping and model.novelty is not None:
                 rows = query_sample(n)
@@ -274,7 +291,7 @@ def annotate_file(
                 E_s, _ = model.embed(sample, names)
                 ok = np.isfinite(E_s).all(axis=1)
                 mapped = model.map_query(E_s, n_query=n) if ok.all() else model.map_query(E_s[ok])
-            job = ChunkJob(job.query, layer, use_raw, gene_key, job.scale, names, mapped)
+            job = ChunkJob(job.query, layer, use_raw, gene_key, job.scale, names, mapped, obsm_keys)
             bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
             if client is None:
                 results = (run_chunk(job, model, s, e, src) for s, e in bounds)

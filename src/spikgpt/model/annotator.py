@@ -250,7 +250,7 @@ class SpikGPTModel:
         probs[embedded] = out.probs
         E_out = E.copy()
         E_out[embedded] = E_ok
-        scores = self.novelty.raw_scores(out, names) if self.novelty is not None else {}
+        scores = self.novelty.raw_scores(out, names) if self.novelty is not None and embedded.any() else {}
         return Classified(
             E_out,
             probs,
