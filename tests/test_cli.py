@@ -59,6 +59,27 @@ def test_train_annotate_round_trip_on_real_data(pbmc_files):
     assert r.exit_code == 2 and "Unknown novelty score" in r.output
 
 
+def test_annotate_zarr_in_chunks_matches_h5ad(pbmc_files):
+    d = pbmc_files
+    if not (d / "model").exists():
+        train = ["train", str(d / "ref.h5ad"), "--label-key", "bulk_labels", "--out", str(d / "model"), "-q"]
+        assert runner.invoke(app, train).exit_code == 0
+    ad.read_h5ad(d / "query.h5ad").write_zarr(d / "query.zarr")
+    base = ["annotate", "--model", str(d / "model"), "--chunk-size", "50", "-q"]
+    r = runner.invoke(app, [*base, str(d / "query.zarr"), "--out", str(d / "out.zarr")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*base, str(d / "query.h5ad"), "--out", str(d / "chunked.h5ad")])
+    assert r.exit_code == 0, r.output
+    z, h = ad.read_zarr(d / "out.zarr"), ad.read_h5ad(d / "chunked.h5ad")
+    assert (z.obs["spikgpt_label"] == h.obs["spikgpt_label"]).all()
+    r = runner.invoke(app, [*base, str(d / "query.zarr"), "--out", str(d / "out_wrong.h5ad")])
+    assert r.exit_code == 2 and "must end in .zarr" in r.output
+    r = runner.invoke(app, [*base, str(d / "missing.zarr"), "--out", str(d / "x.zarr")])
+    assert r.exit_code == 2 and "not found" in r.output
+    r = runner.invoke(app, [*base, str(d / "query.h5ad"), "--out", str(d / "c0.h5ad"), "--chunk-size", "0"])
+    assert r.exit_code == 2 and "chunk-size" in r.output
+
+
 def test_cli_errors_are_one_clear_line(pbmc_files, tmp_path):
     d = pbmc_files
     r = runner.invoke(app, ["train", str(d / "ref.h5ad"), "--label-key", "nope", "--out", str(tmp_path / "m")])
