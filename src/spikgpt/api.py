@@ -276,6 +276,9 @@ def annotate(
     - ``obsm["X_spikgpt_embedding"]``: the (mapped) cell embedding the classifier consumed;
     - ``uns["spikgpt"]``: FDR, novelty score, mapping shift, global shift removed, settings.
 
+    The query is held in memory; :func:`spikgpt.annotate_file` gives the same results for a
+    file or store read in chunks (what ``spikgpt annotate`` runs).
+
     Parameters
     ----------
     adata
