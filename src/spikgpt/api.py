@@ -11,10 +11,12 @@ from dataclasses import replace
 import anndata as ad
 import numpy as np
 import pandas as pd
+from anndata.io import read_elem
 
 from spikgpt import __version__
-from spikgpt.data import Cells, read
+from spikgpt.data import Cells, check_input_file, read
 from spikgpt.embed import Embedder, make_embedder
+from spikgpt.embed.default import MAX_FIT_CELLS
 from spikgpt.errors import InputError
 from spikgpt.mapping import Mapping
 from spikgpt.model.annotator import SpikGPTModel
@@ -23,6 +25,7 @@ from spikgpt.model.training import MIN_SPLIT_CELLS, TrainConfig, fit_network, st
 from spikgpt.openset import DEFAULT_FDR, UNKNOWN, check_fdr, reject
 from spikgpt.openset.decision import check_shift
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
+from spikgpt.streaming import STREAM_REFERENCE_CELLS, close_store, open_store, stored_reference
 
 logger = logging.getLogger("spikgpt")
 
@@ -78,8 +81,8 @@ def _fit_pipeline(
     """
     # A passed instance is copied: the caller's object is not fitted in place.
     embedder = copy.deepcopy(make_embedder(embedder_spec))
-    embedder.fit(cells, seed=seed)
-    E = embedder.transform(cells)
+    embedder.fit(cells.fitting_sample(MAX_FIT_CELLS, seed), seed=seed)
+    E = np.concatenate([embedder.transform(c) for c in cells.chunks()])
     ok = np.isfinite(E).all(axis=1)
     if not ok.all():
         logger.warning("%d reference cells could not be embedded and are left out.", (~ok).sum())
@@ -105,7 +108,9 @@ def _fit_pipeline(
 
 def _embedded_outputs(model: SpikGPTModel, cells: Cells) -> tuple[CellOutputs, np.ndarray]:
     """Model outputs of the cells the embedder could embed, and which those were."""
-    E, residual = model.embedder.embed(cells)
+    parts = [model.embedder.embed(c) for c in cells.chunks()]
+    E = np.concatenate([p[0] for p in parts])
+    residual = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
     ok = np.isfinite(E).all(axis=1)
     out = model.outputs(E[ok])
     out.residual = None if residual is None else residual[ok]
@@ -181,14 +186,64 @@ def train(
     -------
     The trained :class:`~spikgpt.SpikGPTModel`.
     """
-    t0 = time.perf_counter()
     check_calibration_fraction(calibration_fraction)
     check_fdr(fdr)
-    adata = read(adata)
     score_names(novelty, DEFAULT_COMBINATION)
-    y, classes = labels_of(adata, label_key)
+    kw = {
+        "embedder": embedder,
+        "network": network,
+        "train_config": train_config,
+        "fdr": fdr,
+        "mapping": mapping,
+        "calibration_fraction": calibration_fraction,
+        "novelty": novelty,
+        "min_cells_per_class": min_cells_per_class,
+        "seed": seed,
+        "progress": progress,
+        "source": {"layer": layer, "use_raw": use_raw, "gene_key": gene_key},
+    }
+    if not isinstance(adata, ad.AnnData) and _stored_cells(adata) > STREAM_REFERENCE_CELLS:
+        # An atlas reference: trained from the file, read in chunks, never whole in memory.
+        with stored_reference(check_input_file(adata), layer=layer, use_raw=use_raw, gene_key=gene_key) as ref:
+            obs, var, cells = ref
+            return _train(cells, ad.AnnData(obs=obs), len(var), label_key, **kw)
+    adata = read(adata)
     cells = Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
     cells.expression()  # validate the whole input before any split
+    return _train(cells, adata, adata.n_vars, label_key, **kw)
+
+
+def _stored_cells(path: str | os.PathLike) -> int:
+    """Cells in an ``.h5ad`` / ``.zarr`` reference, read from its ``obs`` alone."""
+    path = check_input_file(path)
+    store = open_store(path)
+    try:
+        return len(read_elem(store["obs"]).index)
+    finally:
+        close_store(store)
+
+
+def _train(
+    cells,
+    adata: ad.AnnData,
+    n_genes: int,
+    label_key: str,
+    *,
+    embedder,
+    network,
+    train_config,
+    fdr: float,
+    mapping: bool,
+    calibration_fraction: float,
+    novelty: str,
+    min_cells_per_class: int,
+    seed: int,
+    progress: bool,
+    source: dict,
+) -> SpikGPTModel:
+    """:func:`train` on ``cells`` (in memory or :class:`~spikgpt.streaming.StoredCells`); labels from ``adata.obs``."""
+    t0 = time.perf_counter()
+    y, classes = labels_of(adata, label_key)
     if isinstance(network, dict):
         network = NetworkConfig(in_dim=1, n_classes=len(classes), **network)
     net_cfg = replace(network or NetworkConfig(in_dim=1, n_classes=1), n_classes=len(classes))
@@ -225,12 +280,12 @@ def train(
     model.novelty_method, model.fdr, model.mapping = novelty, fdr, mapping
     model.summary.update(
         n_cells=int(adata.n_obs),
-        n_genes=int(adata.n_vars),
+        n_genes=int(n_genes),
         label_key=label_key,
         class_counts={c: int(n) for c, n in zip(classes, counts, strict=True)},
         rare_classes=rare,
         min_cells_per_class=min_cells_per_class,
-        input={"layer": layer, "use_raw": use_raw, "gene_key": gene_key},
+        input=source,
         embedder=model.embedder.spec,
         seed=seed,
         calibration=calibration,

@@ -443,3 +443,11 @@ class Cells:
     def n_obs(self) -> int:
         """Number of cells."""
         return self.adata.n_obs
+
+    def fitting_sample(self, max_cells: int, seed: int) -> Cells:
+        """The cells an embedder is fitted on: all of them in memory (the embedder samples itself)."""
+        return self
+
+    def chunks(self):
+        """The cells in pieces for embedding: one piece in memory (a file-backed reference streams)."""
+        yield self

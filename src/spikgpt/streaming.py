@@ -28,6 +28,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,11 +67,12 @@ def open_store(path: Path, mode: str = "r") -> Any:
             return zarr.open_group(path, mode=mode, use_consolidated=False if mode != "r" else None)
         return h5py.File(path, mode)
     except Exception as err:  # h5py / zarr raise several unrelated types
-        msg = f"Cannot read {path} as AnnData ({type(err).__name__}: {err}). Is it a complete .h5ad / .zarr?"
+        msg = f"Could not read {path} as AnnData ({type(err).__name__}: {err}). Is it a complete .h5ad / .zarr?"
         raise InputError(msg) from err
 
 
-def _close(store: Any) -> None:
+def close_store(store: Any) -> None:
+    """Close what :func:`open_store` opened (a zarr group needs no closing)."""
     if isinstance(store, h5py.File):
         store.close()
 
@@ -154,7 +157,7 @@ def run_chunk(
         E, residual = model.embed(cells, job.names)
     finally:
         if store is not None:
-            _close(store)
+            close_store(store)
     part = model.classify(E, residual, job.mapping, job.names)
     return ChunkResult(
         start, part.confidence, part.raw_label, part.embedded, part.scores, part.embedding.astype(np.float32)
@@ -332,11 +335,11 @@ def annotate_file(
                 )
                 write_elem(uns, key_added, summary)
             finally:
-                _close(out_store)
+                close_store(out_store)
             if written.suffix == ".zarr":
                 zarr.consolidate_metadata(str(written))
         finally:
-            _close(store)
+            close_store(store)
         _replace(written, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -385,3 +388,78 @@ def _replace(written: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(written, out)
+
+
+#: A reference file with more cells than this trains from the file, read in chunks
+#: (:class:`StoredCells`); smaller ones are read into memory.
+STREAM_REFERENCE_CELLS = 50_000
+
+
+class StoredCells:
+    """Cells of a store read on demand: what :func:`spikgpt.train` uses for atlas references.
+
+    Only a seeded sample (``fitting_sample``) and one chunk at a time (``chunks``) are ever in
+    memory; every cell's expression is validated as its chunk is read.
+    """
+
+    def __init__(
+        self,
+        source: QueryStore,
+        rows: np.ndarray,
+        *,
+        gene_key: str | None,
+        scale: tuple[str, float],
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        self.source, self.rows, self.gene_key, self.scale, self.chunk_size = source, rows, gene_key, scale, chunk_size
+
+    @property
+    def n_obs(self) -> int:
+        """Number of cells."""
+        return len(self.rows)
+
+    def subset(self, index: np.ndarray) -> StoredCells:
+        """The cells at positions ``index`` (still on disk)."""
+        return StoredCells(
+            self.source, self.rows[index], gene_key=self.gene_key, scale=self.scale, chunk_size=self.chunk_size
+        )
+
+    def _read(self, rows: np.ndarray) -> Cells:
+        order = np.argsort(rows)  # stores read increasing rows
+        cells = Cells(self.source.rows(rows[order]), gene_key=self.gene_key, scale=self.scale)
+        return cells if (order == np.arange(len(order))).all() else cells.subset(np.argsort(order))
+
+    def fitting_sample(self, max_cells: int, seed: int) -> Cells:
+        """At most ``max_cells`` of these cells (seeded), in memory, for fitting the embedder."""
+        if self.n_obs <= max_cells:
+            return self._read(self.rows)
+        pick = np.sort(np.random.default_rng(seed).choice(self.n_obs, max_cells, replace=False))
+        return self._read(self.rows[pick])
+
+    def chunks(self):
+        """These cells as in-memory :class:`~spikgpt.data.Cells`, ``chunk_size`` at a time, in order."""
+        for s in range(0, self.n_obs, self.chunk_size):
+            yield self._read(self.rows[s : s + self.chunk_size])
+
+
+@contextmanager
+def stored_reference(
+    path: Path, *, layer: str | None, use_raw: bool, gene_key: str | None
+) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, StoredCells]]:
+    """``obs``, ``var`` and the :class:`StoredCells` of a reference store, open for the block."""
+    store = open_store(path)
+    try:
+        src = QueryStore(store, layer=layer, use_raw=use_raw)
+        if src.n_obs == 0:
+            raise InputError(f"{path} has no cells. Pass a reference with at least one cell.")
+        first = Cells(src.rows(slice(0, min(src.n_obs, SCALE_SAMPLE_CELLS))), gene_key=gene_key).expression()
+        cells = StoredCells(
+            src,
+            np.arange(src.n_obs),
+            gene_key=gene_key,
+            scale=(first.scale, first.total),
+            chunk_size=DEFAULT_CHUNK_SIZE,
+        )
+        yield read_elem(store["obs"]), src.var, cells
+    finally:
+        close_store(store)
