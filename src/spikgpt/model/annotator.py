@@ -159,10 +159,13 @@ class SpikGPTModel:
         try:
             starts = range(0, len(Z), batch_size)
             show = progress and len(starts) > 10
-            for s in tqdm(starts, desc="classifying", unit="batch", disable=None if show else True):
-                feats = net.features(torch.as_tensor(Z[s : s + batch_size]))
-                logits.append(net.head(feats))
-                latent.append(feats.mean(0))
+            # No autograd graph: each batch's graph would otherwise stay alive through its
+            # logits (measured: +3 GB for 160,000 cells).
+            with torch.no_grad():
+                for s in tqdm(starts, desc="classifying", unit="batch", disable=None if show else True):
+                    feats = net.features(torch.as_tensor(Z[s : s + batch_size]))
+                    logits.append(net.head(feats))
+                    latent.append(feats.mean(0))
         finally:
             for h in hooks:
                 h.remove()
