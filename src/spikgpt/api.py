@@ -17,6 +17,7 @@ from spikgpt import __version__
 from spikgpt.data import Cells, check_input_file, read
 from spikgpt.embed import Embedder, make_embedder
 from spikgpt.embed.default import MAX_FIT_CELLS
+from spikgpt.embed.obsm import ObsmEmbedder
 from spikgpt.errors import InputError
 from spikgpt.mapping import Mapping
 from spikgpt.model.annotator import SpikGPTModel
@@ -204,7 +205,10 @@ def train(
     }
     if not isinstance(adata, ad.AnnData) and _stored_cells(adata) > STREAM_REFERENCE_CELLS:
         # An atlas reference: trained from the file, read in chunks, never whole in memory.
-        with stored_reference(check_input_file(adata), layer=layer, use_raw=use_raw, gene_key=gene_key) as ref:
+        spec = make_embedder(embedder)
+        keys = (spec.key,) if isinstance(spec, ObsmEmbedder) else ()
+        path = check_input_file(adata)
+        with stored_reference(path, layer=layer, use_raw=use_raw, gene_key=gene_key, obsm_keys=keys) as ref:
             obs, var, cells = ref
             return _train(cells, ad.AnnData(obs=obs), len(var), label_key, **kw)
     adata = read(adata)

@@ -444,12 +444,12 @@ class StoredCells:
 
 @contextmanager
 def stored_reference(
-    path: Path, *, layer: str | None, use_raw: bool, gene_key: str | None
+    path: Path, *, layer: str | None, use_raw: bool, gene_key: str | None, obsm_keys: tuple[str, ...] = ()
 ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, StoredCells]]:
     """``obs``, ``var`` and the :class:`StoredCells` of a reference store, open for the block."""
     store = open_store(path)
     try:
-        src = QueryStore(store, layer=layer, use_raw=use_raw)
+        src = QueryStore(store, layer=layer, use_raw=use_raw, obsm_keys=obsm_keys)
         if src.n_obs == 0:
             raise InputError(f"{path} has no cells. Pass a reference with at least one cell.")
         first = Cells(src.rows(slice(0, min(src.n_obs, SCALE_SAMPLE_CELLS))), gene_key=gene_key).expression()
