@@ -105,6 +105,11 @@ class QueryStore:
         held = store["obsm"] if "obsm" in store else {}
         self.obsm = {k: held[k] for k in obsm_keys if k in held}
 
+    def scale(self, gene_key: str | None) -> tuple[str, float]:
+        """The input scale, detected on the first rows exactly as the in-memory path detects it."""
+        first = Cells(self.rows(slice(0, min(self.n_obs, SCALE_SAMPLE_CELLS))), gene_key=gene_key).expression()
+        return first.scale, first.total
+
     def rows(self, index: slice | np.ndarray) -> ad.AnnData:
         """The cells at ``index`` (a slice or sorted positions) in memory, with the store's ``var``."""
         X = _take(self.matrix, index)
@@ -282,19 +287,16 @@ def annotate_file(
             n = src.n_obs
             if n == 0:
                 raise InputError(f"{path} has no cells. Pass a query with at least one cell.")
-            scale = None  # only the default embedder reads the normalised matrix
-            if isinstance(model.embedder, DefaultEmbedder):
-                first = Cells(src.rows(slice(0, min(n, SCALE_SAMPLE_CELLS))), gene_key=gene_key).expression()
-                scale = (first.scale, first.total)
-            job = ChunkJob(str(path), layer, use_raw, gene_key, scale, names, None, obsm_keys)
+            # Only the default embedder reads the normalised matrix.
+            scale = src.scale(gene_key) if isinstance(model.embedder, DefaultEmbedder) else None
             mapped = None
             if use_mapping and model.novelty is not None:
                 rows = query_sample(n)
-                sample = Cells(src.rows(rows), gene_key=gene_key, scale=job.scale)
+                sample = Cells(src.rows(rows), gene_key=gene_key, scale=scale)
                 E_s, _ = model.embed(sample, names)
                 ok = np.isfinite(E_s).all(axis=1)
                 mapped = model.map_query(E_s, n_query=n) if ok.all() else model.map_query(E_s[ok])
-            job = ChunkJob(job.query, layer, use_raw, gene_key, job.scale, names, mapped, obsm_keys)
+            job = ChunkJob(str(path), layer, use_raw, gene_key, scale, names, mapped, obsm_keys)
             bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
             if client is None:
                 results = (run_chunk(job, model, s, e, src) for s, e in bounds)
@@ -452,12 +454,11 @@ def stored_reference(
         src = QueryStore(store, layer=layer, use_raw=use_raw, obsm_keys=obsm_keys)
         if src.n_obs == 0:
             raise InputError(f"{path} has no cells. Pass a reference with at least one cell.")
-        first = Cells(src.rows(slice(0, min(src.n_obs, SCALE_SAMPLE_CELLS))), gene_key=gene_key).expression()
         cells = StoredCells(
             src,
             np.arange(src.n_obs),
             gene_key=gene_key,
-            scale=(first.scale, first.total),
+            scale=src.scale(gene_key),
             chunk_size=DEFAULT_CHUNK_SIZE,
         )
         yield read_elem(store["obs"]), src.var, cells
