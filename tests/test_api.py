@@ -193,3 +193,19 @@ def test_whole_input_is_validated_before_the_split(counts):
     empty_genes = counts[:, :0].copy()
     with pytest.raises(InputError, match=f"empty \\({counts.n_obs} cells × 0 genes\\)"):
         spikgpt.train(empty_genes, "cell_type", progress=False)
+
+
+def test_cross_fitted_calibration_scores_every_cell_and_the_final_model_sees_them_all():
+    ref = synthetic_counts({"A": 60, "B": 60, "C": 3}, seed=5)
+    crossfit = spikgpt.train(ref, "cell_type", train_config=FAST, calibration_folds=5, progress=False)
+    held_out = spikgpt.train(ref, "cell_type", train_config=FAST, progress=False)
+    cal = crossfit.summary["calibration"]
+    # every cell of a splittable type calibrates (scored out of fold); the 3-cell type never does
+    assert cal["folds"] == 5 and cal["n_cells"] == 120 and cal["accuracy"] > 0.9
+    assert len(crossfit.novelty.state["cal_max_prob"]) == 120
+    history = crossfit.summary["history"]
+    assert history["n_train"] + history["n_val"] == 123  # the final model fitted on all cells
+    assert held_out.summary["calibration"] == {"n_cells": 24, "folds": 1, "accuracy": pytest.approx(1.0, abs=0.1)}
+    assert held_out.summary["history"]["n_train"] + held_out.summary["history"]["n_val"] == 99
+    with pytest.raises(InputError, match="calibration_folds"):
+        spikgpt.train(ref, "cell_type", calibration_folds=0, progress=False)

@@ -82,8 +82,12 @@ def train(
         bool, typer.Option("--no-mapping", help="Do not map query embeddings onto the reference by default.")
     ] = False,
     calibration_fraction: Annotated[
-        float, typer.Option(help="Share of reference cells held out to calibrate Unknown (0: none).")
+        float, typer.Option(help="Share of cells held out to calibrate Unknown when not cross-fitting (0: none).")
     ] = 0.2,
+    calibration_folds: Annotated[
+        int,
+        typer.Option(help="1: hold --calibration-fraction out to calibrate; k >= 2: cross-fit with k folds."),
+    ] = 1,
     min_cells_per_class: Annotated[
         int,
         typer.Option(help="Types with fewer cells train on all their cells (none held out to calibrate).", min=2),
@@ -93,7 +97,7 @@ def train(
     quiet: Quiet = False,
 ) -> None:
     """Train a model on a labelled reference and save it to a folder."""
-    from spikgpt.api import check_calibration_fraction
+    from spikgpt.api import check_calibration_folds, check_calibration_fraction
     from spikgpt.api import train as train_
     from spikgpt.model.annotator import check_model_destination
     from spikgpt.openset import check_fdr
@@ -104,6 +108,7 @@ def train(
         check_model_destination(out, overwrite=overwrite)
         check_fdr(fdr)
         check_calibration_fraction(calibration_fraction)
+        check_calibration_folds(calibration_folds)
         model = train_(
             reference,
             label_key,
@@ -114,6 +119,7 @@ def train(
             fdr=fdr,
             mapping=not no_mapping,
             calibration_fraction=calibration_fraction,
+            calibration_folds=calibration_folds,
             min_cells_per_class=min_cells_per_class,
             seed=seed,
             progress=not quiet,

@@ -21,7 +21,7 @@ def scorer():
     y = np.repeat([0, 1], 300)
     cal = np.concatenate([rng.normal([4, 0, 0, 0], 1, (200, 4)), rng.normal([-4, 0, 0, 0], 1, (200, 4))])
     s = NoveltyScorer(max_reference_cells=400).fit(outputs(ref), y)
-    s.calibrate(outputs(cal))
+    s.calibrate(s.raw_scores(outputs(cal)))
     return s
 
 

@@ -116,6 +116,28 @@ def stratified_split(
     return idx[~mask], idx[mask]
 
 
+def stratified_folds(y: np.ndarray, k: int, *, min_cells: int, seed: int) -> np.ndarray:
+    """Assign every cell to one of ``k`` folds, stratified by class.
+
+    Classes with fewer than ``min_cells`` cells (or fewer than ``k``) get fold ``-1``: they are
+    never held out, so every fold's model learns them (as in :func:`stratified_split`).
+
+    Returns
+    -------
+    ``[n]`` fold index per cell, ``-1`` for cells of rare classes.
+    """
+    rng = np.random.default_rng(seed)
+    fold = np.full(len(y), -1, dtype=np.int64)
+    counts = np.bincount(y)
+    offset = 0
+    for c in np.flatnonzero(counts >= max(min_cells, k, 2)):
+        members = rng.permutation(np.flatnonzero(y == c))
+        # Consecutive classes continue the round robin, so fold sizes differ by at most one.
+        fold[members] = (np.arange(len(members)) + offset) % k
+        offset += len(members)
+    return fold
+
+
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, square-root tempered so rare classes are not over-fitted."""
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)

@@ -129,9 +129,9 @@ class NoveltyScorer:
         self._nn = {}
         return self
 
-    def calibrate(self, out: CellOutputs) -> None:
-        """Store every score of held-out reference cells, for percentiles and thresholds."""
-        for name, v in self.raw_scores(out).items():
+    def calibrate(self, scores: dict[str, np.ndarray]) -> None:
+        """Store every score (:meth:`raw_scores`) of reference cells no fitted step has seen."""
+        for name, v in scores.items():
             self.state[f"cal_{name}"] = v.astype(np.float32)
 
     def calibration_scores(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
