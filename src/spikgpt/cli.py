@@ -376,7 +376,11 @@ def bench(
     out: Annotated[Path, typer.Option(help="Folder for results.json, results.md and figures/.")] = Path("bench_out"),
     task: Annotated[list[str] | None, typer.Option(help="Task to run (repeatable); all by default.")] = None,
     seeds: Annotated[int, typer.Option(help="Number of seeds (0..n-1).")] = 3,
-    celltypist: Annotated[bool, typer.Option(help="Also run CellTypist 1.7.1 (own venv, created once).")] = True,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option(help="Peer to run (repeatable): celltypist, singler; both by default (own venvs, created once)."),
+    ] = None,
+    no_peers: Annotated[bool, typer.Option("--no-peers", help="Run no peer (spikgpt, twin, LR and kNN only).")] = False,
     loto: Annotated[bool, typer.Option(help="Leave-one-type-out open-set evaluation.")] = True,
     data_root: Annotated[
         Path | None,
@@ -388,13 +392,19 @@ def bench(
     ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Benchmark spikgpt against its non-spiking twin, LR/kNN on the same embedding and CellTypist."""
+    """Benchmark spikgpt against its non-spiking twin, LR/kNN on the same embedding, CellTypist and SingleR."""
+    from spikgpt.bench.baselines import PEERS
     from spikgpt.bench.run import run_bench
 
     _setup(quiet)
     try:
         results = run_bench(
-            out, tasks=task, seeds=list(range(seeds)), celltypist=celltypist, loto=loto, data_root=data_root
+            out,
+            tasks=task,
+            seeds=list(range(seeds)),
+            peers=() if no_peers else tuple(peer or PEERS),
+            loto=loto,
+            data_root=data_root,
         )
     except (ValueError, FileNotFoundError) as err:
         _fail(err)

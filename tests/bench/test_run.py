@@ -19,7 +19,7 @@ def test_bench_smoke_writes_results_tables_and_figures(tmp_path):
             "pbmc68k_split",
             "--seeds",
             "1",
-            "--no-celltypist",
+            "--no-peers",
             "--no-loto",
             "-q",
         ],
@@ -50,9 +50,17 @@ def test_markdown_open_set_and_loto_sections():
         }
     }
     hw = {"cpu_count": 2, "machine": "m", "torch": "2", "torch_threads": 2, "spikgpt": "0"}
-    res = {"tasks": {}, "seeds": [0], "seconds": 1.0, "leave_one_type_out": {"t": loto}, "hardware": hw}
+    peer = {"auroc": [0.97], "unknown": [0.2], "false_unknown": [0.01]}
+    open_set = {"scores": {"decision": [0.95]}, "spikgpt_unknown": [0.5], "spikgpt_false_unknown": [0.02]}
+    run = {"macro_f1": 0.9, "accuracy": 0.9, "macro_f1_after_rejection": 0.88, "false_unknown": 0.02}
+    run |= {"train_seconds": 1.0, "predict_cells_per_s": 100.0}
+    task = {"methods": {"spikgpt": [run], "singler": [run]}, "open_set": {**open_set, "peers": {"singler": peer}}}
+    res = {"tasks": {"T": task}, "seeds": [0], "seconds": 1.0, "leave_one_type_out": {"t": loto}, "hardware": hw}
     md = markdown(res)
     assert "| X | 0.900 | 0.500" in md and "| **mean** | **0.900**" in md
+    assert "singler confidence | spikgpt Unknown (unseen / known) | singler Unknown (unseen / known) |" in md
+    assert "| T | 0.950 |" in md and "| 0.970 | 0.500 / 0.020 | 0.200 / 0.010 |" in md
+    assert "pruneScores" in md
 
 
 def test_task_specs_are_complete():

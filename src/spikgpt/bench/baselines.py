@@ -23,7 +23,18 @@ from spikgpt.model.annotator import SpikGPTModel
 
 logger = logging.getLogger("spikgpt")
 
-CELLTYPIST_PINS = ("celltypist==1.7.1", "scikit-learn<1.8")
+#: Peers run in their own virtual environments (created on first use; registry access once), with
+#: what each installs. CellTypist 1.7.1 breaks on scikit-learn >= 1.8; the ``singler`` bindings
+#: bring the BiocPy stack (biocframe, summarizedexperiment, mattress, knncolle, …; ~400 MB).
+PEERS: dict[str, tuple[str, ...]] = {
+    "celltypist": ("celltypist==1.7.1", "scikit-learn<1.8"),
+    "singler": ("singler==0.5.0", "anndata==0.12.19"),
+}
+#: How the peers' own rejection is made, for the tables.
+PEER_REJECTION = {
+    "celltypist": "CellTypist: `prob match` at p < 0.5 (Unassigned)",
+    "singler": "SingleR: R's `pruneScores` default (delta below median − 3 MAD of its label)",
+}
 
 
 @dataclass
@@ -58,22 +69,26 @@ def embedding_baselines(model: SpikGPTModel, ref: ad.AnnData, query: ad.AnnData,
     return out
 
 
-def celltypist_python(venv: Path) -> Path:
-    """The isolated CellTypist environment's python, created on first use (registry access needed once)."""
+def peer_python(peer: str, venv: Path) -> Path:
+    """The python of ``peer``'s isolated environment ``venv``, created on first use."""
     py = venv / "bin" / "python"
     if not py.exists():
-        logger.info("Creating %s for CellTypist (%s).", venv, ", ".join(CELLTYPIST_PINS))
+        logger.info("Creating %s for %s (%s).", venv, peer, ", ".join(PEERS[peer]))
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", *CELLTYPIST_PINS], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *PEERS[peer]], check=True)
     return py
 
 
-def run_celltypist(
-    ref: ad.AnnData, query: ad.AnnData, label_key: str, *, use_raw: bool, seed: int, venv: Path
+def run_peer(
+    peer: str, ref: ad.AnnData, query: ad.AnnData, label_key: str, *, use_raw: bool, seed: int, venv: Path
 ) -> MethodResult:
-    """Train CellTypist on the reference and annotate the query, in its own environment."""
-    py = celltypist_python(venv)
-    runner = Path(__file__).with_name("celltypist_runner.py")
+    """Train ``peer`` (a key of :data:`PEERS`) on the reference and annotate the query, in its own environment.
+
+    The peer's runner script (``<peer>_runner.py`` beside this file) writes the label before and
+    after the peer's own rejection and a confidence per cell.
+    """
+    py = peer_python(peer, venv)
+    runner = Path(__file__).with_name(f"{peer}_runner.py")
     with tempfile.TemporaryDirectory() as tmp:
         r, q, out = Path(tmp) / "ref.h5ad", Path(tmp) / "query.h5ad", Path(tmp) / "pred.csv"
         keep = [label_key]
@@ -88,14 +103,14 @@ def run_celltypist(
             check=False,
         )
         if proc.returncode != 0:
-            msg = f"CellTypist failed:\n{proc.stderr[-2000:]}"
+            msg = f"{peer} failed:\n{proc.stderr[-2000:]}"
             raise RuntimeError(msg)
         info = json.loads(proc.stdout.strip().splitlines()[-1])
-        df = pd.read_csv(out, index_col=0)
+        df = pd.read_csv(out, index_col=0, keep_default_na=False)
     return MethodResult(
-        df["best_match"].astype(str).to_numpy(),
-        df["prob_match"].astype(str).to_numpy(),
-        df["max_prob"].to_numpy(),
+        df["raw_label"].astype(str).to_numpy(),
+        df["label"].astype(str).to_numpy(),
+        df["confidence"].to_numpy(),
         info["train_seconds"],
         info["predict_seconds"],
         {"peak_rss_mb": info["peak_rss_mb"]},

@@ -48,9 +48,9 @@ def main() -> None:  # noqa: D103
     labels = prob_match.predicted_labels["predicted_labels"].astype(str)
     df = pd.DataFrame(
         {
-            "best_match": pred.predicted_labels["predicted_labels"].astype(str).to_numpy(),
-            "prob_match": np.where(labels == "Unassigned", "Unknown", labels),
-            "max_prob": probs.max(axis=1).to_numpy(),
+            "raw_label": pred.predicted_labels["predicted_labels"].astype(str).to_numpy(),
+            "label": np.where(labels == "Unassigned", "Unknown", labels),
+            "confidence": probs.max(axis=1).to_numpy(),
         },
         index=query.obs_names,
     )

@@ -19,7 +19,7 @@ from sklearn.metrics import f1_score
 from spikgpt import __version__
 from spikgpt.api import annotate, train
 from spikgpt.bench import figures, metrics
-from spikgpt.bench.baselines import MethodResult, embedding_baselines, run_celltypist
+from spikgpt.bench.baselines import PEER_REJECTION, PEERS, MethodResult, embedding_baselines, run_peer
 from spikgpt.bench.metrics import closed_set
 from spikgpt.bench.openset import leave_one_type_out, score_aurocs
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS, Task
@@ -54,17 +54,12 @@ def _spikgpt(ref, query, task: Task, seed: int, spiking: bool) -> tuple[MethodRe
     return res, (model, annotated)
 
 
-def run_task(task: Task, seeds: list[int], *, data_root: Path, celltypist: bool, out: Path, venv: Path) -> dict:
+def run_task(
+    task: Task, seeds: list[int], *, data_root: Path, peers: tuple[str, ...], out: Path, venv_prefix: str
+) -> dict:
     """Every method on one task, over seeds; figures for the first seed."""
     per_method: dict[str, list[dict]] = {}
-    open_set: dict[str, list] = {
-        "scores": {},
-        "celltypist_max_prob": [],
-        "spikgpt_unknown": [],
-        "spikgpt_false_unknown": [],
-        "celltypist_unassigned": [],
-        "celltypist_false_unassigned": [],
-    }
+    open_set: dict = {"scores": {}, "spikgpt_unknown": [], "spikgpt_false_unknown": [], "peers": {}}
     info = {}
     for seed in seeds:
         ref, query = task.load(data_root, seed)
@@ -82,13 +77,13 @@ def run_task(task: Task, seeds: list[int], *, data_root: Path, celltypist: bool,
         results["spikgpt"], (model, annotated) = _spikgpt(ref, query, task, seed, spiking=True)
         results["non-spiking twin"], _ = _spikgpt(ref, query, task, seed, spiking=False)
         results.update(embedding_baselines(model, ref, query, task.label_key, **task.input_kw))
-        if celltypist:
+        for peer in peers:
             try:
-                results["celltypist"] = run_celltypist(
-                    ref, query, task.label_key, use_raw=task.use_raw, seed=seed, venv=venv
+                results[peer] = run_peer(
+                    peer, ref, query, task.label_key, use_raw=task.use_raw, seed=seed, venv=Path(venv_prefix + peer)
                 )
             except (RuntimeError, OSError) as err:
-                logger.warning("CellTypist skipped on %s: %s", task.name, err)
+                logger.warning("%s skipped on %s: %s", peer, task.name, err)
         for name, r in results.items():
             m = closed_set(truth, r.raw_label, classes)
             known = np.isin(truth, classes)
@@ -110,11 +105,12 @@ def run_task(task: Task, seeds: list[int], *, data_root: Path, celltypist: bool,
             sp = metrics.unknown_rates(truth, results["spikgpt"].label, classes)
             open_set["spikgpt_unknown"].append(sp["unseen_called_unknown"])
             open_set["spikgpt_false_unknown"].append(sp["false_unknown_known"])
-            if "celltypist" in results:
-                ct = metrics.open_set(truth, results["celltypist"].label, 1 - results["celltypist"].score, classes)
-                open_set["celltypist_max_prob"].append(ct["unseen_auroc"])
-                open_set["celltypist_unassigned"].append(ct["unseen_called_unknown"])
-                open_set["celltypist_false_unassigned"].append(ct["false_unknown_known"])
+            for peer in (p for p in peers if p in results):
+                o = metrics.open_set(truth, results[peer].label, -results[peer].score, classes)
+                row = open_set["peers"].setdefault(peer, {"auroc": [], "unknown": [], "false_unknown": []})
+                row["auroc"].append(o["unseen_auroc"])
+                row["unknown"].append(o["unseen_called_unknown"])
+                row["false_unknown"].append(o["false_unknown_known"])
         if seed == seeds[0]:
             fig_dir = out / "figures"
             fig_dir.mkdir(parents=True, exist_ok=True)
@@ -161,13 +157,16 @@ def markdown(results: dict) -> str:
         train_s = np.mean([r["train_seconds"] for r in runs])
         speed = np.mean([r["predict_cells_per_s"] for r in runs])
         lines.append(f"| {m} | {train_s:.2f} | {speed:,.0f} |")
-    rejecting = [m for m in ("spikgpt", "celltypist") if m in methods]
+    rejecting = [m for m in ("spikgpt", *PEERS) if m in methods]
     lines += [
         "",
         "## Unknown at the default FDR: false Unknown on known types; known-type macro-F1 before → after",
         "",
-        "spikgpt: conformal p-values, Benjamini–Hochberg at FDR 0.10; CellTypist: `prob match` at p < 0.5 "
-        "(Unassigned counted as Unknown).",
+        "; ".join(
+            ["spikgpt: conformal p-values, Benjamini–Hochberg at FDR 0.10"]
+            + [PEER_REJECTION[m] for m in rejecting if m in PEER_REJECTION]
+        )
+        + " (counted as Unknown).",
         "",
     ]
     lines += _task_by_method(
@@ -181,20 +180,20 @@ def markdown(results: dict) -> str:
     open_tasks = {n: t["open_set"] for n, t in tasks.items() if t["open_set"]}
     if open_tasks:
         names = NOVELTY_COLUMNS
+        peers = [p for p in PEERS if any(p in o.get("peers", {}) for o in open_tasks.values())]
         lines += ["", "## Open set: AUROC unseen vs known query cells, per novelty score", "", NOVELTY_NOTE, ""]
         lines.append(
             "| task | "
-            + " | ".join(names)
-            + " | CellTypist max-prob | spikgpt Unknown (unseen / known) | CellTypist Unassigned (unseen / known) |"
+            + " | ".join([*names, *(f"{p} confidence" for p in peers), "spikgpt Unknown (unseen / known)"])
+            + "".join(f" | {p} Unknown (unseen / known)" for p in peers)
+            + " |"
         )
-        lines.append("|---" * (len(names) + 4) + "|")
+        lines.append("|---" * (len(names) + 2 * len(peers) + 2) + "|")
         for n, o in open_tasks.items():
-            row = [_ms(o["scores"].get(s, [])) for s in names]
-            row += [
-                _ms(o["celltypist_max_prob"]),
-                f"{_ms(o['spikgpt_unknown'])} / {_ms(o['spikgpt_false_unknown'])}",
-                f"{_ms(o['celltypist_unassigned'])} / {_ms(o['celltypist_false_unassigned'])}",
-            ]
+            peer = [o.get("peers", {}).get(p, {"auroc": [], "unknown": [], "false_unknown": []}) for p in peers]
+            row = [_ms(o["scores"].get(s, [])) for s in names] + [_ms(r["auroc"]) for r in peer]
+            row.append(f"{_ms(o['spikgpt_unknown'])} / {_ms(o['spikgpt_false_unknown'])}")
+            row += [f"{_ms(r['unknown'])} / {_ms(r['false_unknown'])}" for r in peer]
             lines.append(f"| {n} | " + " | ".join(row) + " |")
     for task_name, loto in results.get("leave_one_type_out", {}).items():
         names = [s for s in NOVELTY_COLUMNS if all(s in r["auroc"] for r in loto.values())]
@@ -228,10 +227,10 @@ def run_bench(
     *,
     tasks: list[str] | None = None,
     seeds: list[int] | None = None,
-    celltypist: bool = True,
+    peers: tuple[str, ...] = tuple(PEERS),
     loto: bool = True,
     data_root: str | os.PathLike | None = None,
-    celltypist_venv: str | os.PathLike = ".venv-celltypist",
+    venv_prefix: str = ".venv-",
 ) -> dict:
     """Run the benchmark and write ``results.json``, ``results.md`` and ``figures/`` into ``out``.
 
@@ -243,14 +242,16 @@ def run_bench(
         Task names (see :data:`spikgpt.bench.tasks.TASKS`); all by default.
     seeds
         Seeds to repeat every task with (default 0, 1, 2).
-    celltypist
-        Also run CellTypist 1.7.1 in its own virtual environment (created on first use).
+    peers
+        Peers to run, each in its own virtual environment (created on first use):
+        ``"celltypist"`` (1.7.1), ``"singler"`` (the ``singler`` 0.5.0 bindings); see
+        :data:`spikgpt.bench.baselines.PEERS`.
     loto
         Run leave-one-type-out on :data:`LOTO_TASKS`.
     data_root
         Folder with the datasets (default: ``shared/data`` beside the repository).
-    celltypist_venv
-        Where CellTypist's environment lives.
+    venv_prefix
+        A peer's environment is ``venv_prefix + name`` (``.venv-celltypist``, ``.venv-singler``).
 
     Returns
     -------
@@ -266,11 +267,15 @@ def run_bench(
     if unknown:
         msg = f"Unknown task(s) {unknown}; choose from {list(TASKS)}."
         raise ValueError(msg)
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        msg = f"Unknown peer(s) {unknown}; choose from {list(PEERS)}."
+        raise ValueError(msg)
     results: dict = {"tasks": {}, "seeds": seeds}
     for n in names:
         logger.info("Task %s", n)
         results["tasks"][n] = run_task(
-            TASKS[n], seeds, data_root=root, celltypist=celltypist, out=out, venv=Path(celltypist_venv)
+            TASKS[n], seeds, data_root=root, peers=tuple(peers), out=out, venv_prefix=venv_prefix
         )
     if loto:
         results["leave_one_type_out"] = {}
