@@ -298,8 +298,9 @@ def _train(
         )
     fit = {"embedder": embedder, "net_cfg": net_cfg, "cfg": cfg, "seed": seed}
     k = calibration_folds if calibration_fraction > 0 else 1
-    fold = stratified_folds(y, k, min_cells=min_cells_per_class, seed=seed) if k > 1 else None
-    if fold is not None and (fold >= 0).any():
+    fold = stratified_folds(y, k, min_cells=min_cells_per_class, seed=seed) if k > 1 else np.full(len(y), -1)
+    crossfit = bool((fold >= 0).any())
+    if crossfit:
         # Cross-fitting: every cell is scored by a model fitted without it, and the final model
         # is fitted on all cells (on a small reference a held-out fifth is a lot to lose).
         parts = []
@@ -320,7 +321,7 @@ def _train(
         else:
             model, _, _ = _fit_pipeline(cells.subset(fit_idx), y[fit_idx], **fit, progress=progress)
             model.classes, correct = classes, np.zeros(0, dtype=bool)
-    calibration = {"n_cells": int(len(correct)), "folds": k if fold is not None else 1}
+    calibration = {"n_cells": int(len(correct)), "folds": k if crossfit else 1}
     if len(correct):
         model.novelty.calibrate(scores)
         calibration.update(accuracy=float(correct.mean()))
