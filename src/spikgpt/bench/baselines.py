@@ -25,15 +25,18 @@ logger = logging.getLogger("spikgpt")
 
 #: Peers run in their own virtual environments (created on first use; registry access once), with
 #: what each installs. CellTypist 1.7.1 breaks on scikit-learn >= 1.8; the ``singler`` bindings
-#: bring the BiocPy stack (biocframe, summarizedexperiment, mattress, knncolle, …; ~400 MB).
+#: bring the BiocPy stack (biocframe, summarizedexperiment, mattress, knncolle, …; ~400 MB);
+#: symphonypy brings scanpy 1.11 and harmonypy (~850 MB with numba).
 PEERS: dict[str, tuple[str, ...]] = {
     "celltypist": ("celltypist==1.7.1", "scikit-learn<1.8"),
     "singler": ("singler==0.5.0", "anndata==0.12.19"),
+    "symphony": ("symphonypy==0.2.4",),
 }
 #: How the peers' own rejection is made, for the tables.
 PEER_REJECTION = {
     "celltypist": "CellTypist: `prob match` at p < 0.5 (Unassigned)",
     "singler": "SingleR: R's `pruneScores` default (delta below median − 3 MAD of its label)",
+    "symphony": "Symphony: none (its mapping distance is scored for AUROC only)",
 }
 
 

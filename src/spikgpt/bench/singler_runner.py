@@ -21,20 +21,11 @@ import time
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
-
-def log1p_cp10k(a: ad.AnnData, use_raw: bool) -> tuple[np.ndarray, list[str]]:
-    """Genes × cells log1p counts per 10,000 (log values given are turned back into counts first)."""
-    X = a.raw.X if use_raw else a.X
-    names = list(a.raw.var_names if use_raw else a.var_names)
-    X = X.toarray() if sp.issparse(X) else np.asarray(X)
-    X = X.astype(np.float64)
-    if not np.all(X == np.round(X)):
-        X = np.expm1(X)
-    totals = X.sum(axis=1, keepdims=True)
-    X = np.log1p(X / np.maximum(totals, 1e-12) * 1e4)
-    return np.ascontiguousarray(X.T), names
+if __package__:  # imported as spikgpt.bench.<runner> (tests)
+    from spikgpt.bench.peer_io import log1p_cp10k
+else:  # run as a script in the peer's own environment, which has no spikgpt
+    from peer_io import log1p_cp10k
 
 
 def pruned(labels: np.ndarray, delta: np.ndarray, nmads: float = 3.0) -> np.ndarray:
@@ -55,8 +46,10 @@ def main() -> None:  # noqa: D103
     ref_path, query_path, label_key, out, use_raw, _seed = sys.argv[1:7]
     use_raw = use_raw == "1"
     ref, query = ad.read_h5ad(ref_path), ad.read_h5ad(query_path)
-    R, r_genes = log1p_cp10k(ref, use_raw)
-    Q, q_genes = log1p_cp10k(query, use_raw)
+    r, q = log1p_cp10k(ref, use_raw), log1p_cp10k(query, use_raw)
+    # SingleR takes genes × cells.
+    R, Q = np.ascontiguousarray(r.X.T.toarray()), np.ascontiguousarray(q.X.T.toarray())
+    r_genes, q_genes = list(r.var_names), list(q.var_names)
     t0 = time.perf_counter()
     res = singler.annotate_single(
         Q, R, ref.obs[label_key].astype(str).tolist(), test_features=q_genes, ref_features=r_genes
