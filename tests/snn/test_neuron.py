@@ -67,3 +67,14 @@ def test_lif_passes_gradients():
 def test_tau_must_exceed_one():
     with pytest.raises(ValueError, match="tau"):
         LIF(tau=1.0)
+
+
+@pytest.mark.parametrize("tau,v_th,v_reset", [(2.0, 1.0, 0.0), (3.0, 0.5, -0.2)])
+def test_inference_path_gives_the_training_paths_spikes_bit_for_bit(tau, v_th, v_reset):
+    lif = LIF(tau=tau, v_threshold=v_th, v_reset=v_reset)
+    x = torch.randn(6, 512, 4, 16, generator=torch.Generator().manual_seed(0)) * 2
+    with torch.no_grad():
+        fast = lif(x)  # no autograd: preallocated buffers
+    trained = lif(x.clone().requires_grad_())  # the autograd path training uses
+    assert trained.requires_grad and not fast.requires_grad
+    assert torch.equal(fast, trained.detach()) and 0.05 < fast.mean() < 0.95

@@ -14,7 +14,6 @@ from typing import Literal
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
 from scipy.stats import rankdata
 from sklearn.decomposition import PCA
 
@@ -80,6 +79,8 @@ class DefaultEmbedder(Embedder):
         expressed = np.asarray((X > 0).sum(axis=0)).ravel() > 0
         if expressed.sum() <= self.n_genes:
             return genes[expressed]
+        import scanpy as sc  # only when fitting: importing it costs annotation a second
+
         tmp = ad.AnnData(X[:, expressed])
         tmp.var_names = genes[expressed]
         sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=self.n_genes)

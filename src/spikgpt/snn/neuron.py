@@ -55,6 +55,8 @@ class LIF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return spikes (0/1, same shape and dtype as ``x``) for the input currents ``x``."""
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return self._infer(x)
         v = torch.full_like(x[0], self.v_reset)
         spikes = []
         for x_t in x:
@@ -64,6 +66,25 @@ class LIF(nn.Module):
             v = h * (1 - s_reset) + self.v_reset * s_reset
             spikes.append(s)
         return torch.stack(spikes)
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without autograd, in preallocated buffers.
+
+        The same operations in the same order (bit-identical spikes), without a fresh tensor per
+        operation and time step, whose allocation dominated inference time.
+        """
+        out = torch.empty_like(x)
+        v, h = torch.full_like(x[0], self.v_reset), torch.empty_like(x[0])
+        fired = torch.empty(x.shape[1:], dtype=torch.bool, device=x.device)
+        for t in range(len(x)):
+            torch.sub(v, self.v_reset, out=h)
+            torch.sub(x[t], h, out=h)
+            h.div_(self.tau).add_(v)  # H = V + (X - (V - V_reset)) / tau
+            torch.ge(h, self.v_threshold, out=fired)  # H - V_th >= 0, exactly
+            out[t].copy_(fired)
+            v, h = h, v
+            v.masked_fill_(fired, self.v_reset)  # H·(1 − S) + V_reset·S
+        return out
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"tau={self.tau}, v_threshold={self.v_threshold}, v_reset={self.v_reset}"
