@@ -250,11 +250,13 @@ def train(
 
 
 def _stored_cells(path: str | os.PathLike) -> int:
-    """Cells in an ``.h5ad`` / ``.zarr`` reference, read from its ``obs`` alone."""
+    """Cells in an ``.h5ad`` / ``.zarr`` reference: the length of its ``obs`` index, nothing read."""
     path = check_input_file(path)
     store = open_store(path)
     try:
-        return len(read_elem(store["obs"]).index)
+        obs = store["obs"]
+        index = obs.attrs.get("_index")
+        return int(obs[index].shape[0]) if index is not None and index in obs else len(read_elem(obs).index)
     finally:
         close_store(store)
 
