@@ -382,6 +382,9 @@ def bench(
     ] = None,
     no_peers: Annotated[bool, typer.Option("--no-peers", help="Run no peer (spikgpt, twin, LR and kNN only).")] = False,
     loto: Annotated[bool, typer.Option(help="Leave-one-type-out open-set evaluation.")] = True,
+    composition: Annotated[
+        bool, typer.Option(help="Also score queries with their largest type removed / kept at 10 %.")
+    ] = True,
     data_root: Annotated[
         Path | None,
         typer.Option(
@@ -404,6 +407,7 @@ def bench(
             seeds=list(range(seeds)),
             peers=() if no_peers else tuple(peer or PEERS),
             loto=loto,
+            composition=composition,
             data_root=data_root,
         )
     except (ValueError, FileNotFoundError) as err:

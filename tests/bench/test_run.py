@@ -26,6 +26,10 @@ def test_bench_smoke_writes_results_tables_and_figures(tmp_path):
     )
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "results.json").read_text())
+    # the query and its two composition-shifted variants, scored by the same models
+    variants = sorted(res["tasks"])
+    assert len(variants) == 3 and all(v.startswith("pbmc68k_split") for v in variants)
+    assert {v[len("pbmc68k_split") :].split()[-1] for v in variants[1:]} >= {"10%"}
     methods = res["tasks"]["pbmc68k_split"]["methods"]
     assert set(methods) == {"spikgpt", "non-spiking twin", "logreg_embedding", "knn_embedding"}
     for runs in methods.values():
@@ -67,3 +71,19 @@ def test_task_specs_are_complete():
     for t in TASKS.values():
         assert t.sources and t.description and t.label_key
         assert t.query or t.batch_key or t.reference.startswith("scanpy:")
+
+
+def test_query_variants_remove_and_thin_the_largest_known_type():
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from spikgpt.bench.run import query_variants
+
+    labels = ["A"] * 50 + ["B"] * 20 + ["new"] * 30
+    q = ad.AnnData(np.zeros((100, 2)), obs=pd.DataFrame({"t": labels}, index=[f"c{i}" for i in range(100)]))
+    v = dict(query_variants(q, "t", ["A", "B"], seed=0))
+    assert set(v) == {"", " − A", " A 10%"} and v[""] is q
+    assert list(v[" − A"].obs["t"].value_counts().sort_index()) == [20, 30]
+    assert v[" A 10%"].obs["t"].value_counts().to_dict() == {"new": 30, "B": 20, "A": 5}
+    assert dict(query_variants(q, "t", ["A"], seed=0)).keys() == {""}  # one known type: nothing to shift

@@ -37,90 +37,147 @@ NOVELTY_NOTE = (
 )
 
 
-def _spikgpt(ref, query, task: Task, seed: int, spiking: bool) -> tuple[MethodResult, object]:
+def _train(ref, task: Task, seed: int, spiking: bool):
     t0 = time.perf_counter()
     model = train(ref, task.label_key, seed=seed, progress=False, network={"spiking": spiking}, **task.input_kw)
-    t1 = time.perf_counter()
+    return model, time.perf_counter() - t0
+
+
+def _annotate(model, query, task: Task, train_seconds: float) -> tuple[MethodResult, object]:
+    t0 = time.perf_counter()
     annotated = annotate(query, model, copy=True, **task.input_kw)
-    t2 = time.perf_counter()
     res = MethodResult(
         annotated.obs["spikgpt_raw_label"].astype(str).to_numpy(),
         annotated.obs["spikgpt_label"].astype(str).to_numpy(),
         annotated.obs["spikgpt_confidence"].to_numpy(),
-        t1 - t0,
-        t2 - t1,
+        train_seconds,
+        time.perf_counter() - t0,
         {},
     )
-    return res, (model, annotated)
+    return res, annotated
+
+
+def query_variants(query, label_key: str, classes: list[str], seed: int) -> list[tuple[str, object]]:
+    """The query and its composition-shifted variants (issue 13).
+
+    The query's most abundant reference type removed (``"− TYPE"``), and kept at 10 % of its cells
+    (``"TYPE 10%"``, seeded): a mapping or correction estimated from the query's own cells must
+    survive a query whose make-up differs from the reference's.
+    """
+    truth = query.obs[label_key].astype(str).to_numpy()
+    known = truth[np.isin(truth, classes)]
+    if len(np.unique(known)) < 2:
+        return [("", query)]
+    types, counts = np.unique(known, return_counts=True)
+    top = str(types[counts.argmax()])
+    members = np.flatnonzero(truth == top)
+    kept = np.random.default_rng(seed).choice(members, max(1, round(0.1 * len(members))), replace=False)
+    rare = np.sort(np.concatenate([np.flatnonzero(truth != top), kept]))
+    return [("", query), (f" − {top}", query[truth != top].copy()), (f" {top} 10%", query[rare].copy())]
+
+
+def _method_row(r: MethodResult, truth: np.ndarray, classes: list[str]) -> dict:
+    """One method's metrics on one query."""
+    known = np.isin(truth, classes)
+    per_class = f1_score(truth[known], r.raw_label[known], labels=classes, average=None, zero_division=0)
+    return {
+        **closed_set(truth, r.raw_label, classes),
+        "macro_f1_after_rejection": closed_set(truth, r.label, classes)["macro_f1"],
+        "false_unknown": metrics.unknown_rates(truth, r.label, classes)["false_unknown_known"],
+        "per_class_f1": dict(zip(classes, map(float, per_class), strict=True)),
+        "train_seconds": r.train_seconds,
+        "predict_cells_per_s": len(truth) / max(r.predict_seconds, 1e-9),
+        **r.extra,
+    }
+
+
+def _record_rejection(open_set: dict, results: dict, truth: np.ndarray, classes: list[str]) -> None:
+    """Append spikgpt's and every peer's Unknown rates (and the peers' confidence AUROC) to ``open_set``."""
+    sp = metrics.unknown_rates(truth, results["spikgpt"].label, classes)
+    open_set["spikgpt_unknown"].append(sp["unseen_called_unknown"])
+    open_set["spikgpt_false_unknown"].append(sp["false_unknown_known"])
+    for peer in (p for p in PEERS if p in results):
+        o = metrics.open_set(truth, results[peer].label, -results[peer].score, classes)
+        row = open_set["peers"].setdefault(peer, {"auroc": [], "unknown": [], "false_unknown": []})
+        row["auroc"].append(o["unseen_auroc"])
+        row["unknown"].append(o["unseen_called_unknown"])
+        row["false_unknown"].append(o["false_unknown_known"])
+
+
+def _figures(fig_dir: Path, name: str, truth, results: dict, runs: dict, annotated, label_key: str, seed: int) -> None:
+    """Confusion matrix, per-class F1 by method and the query UMAP of one query."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    figures.confusion(truth, results["spikgpt"].label, fig_dir / f"{name}_confusion.png", f"spikgpt on {name}")
+    f1_table = pd.DataFrame({n: v[-1]["per_class_f1"] for n, v in runs.items()})
+    figures.per_class_f1(f1_table, fig_dir / f"{name}_per_class_f1.png", f"per-class F1, {name}")
+    figures.query_umap(annotated, label_key, fig_dir / f"{name}_umap.png", seed=seed)
 
 
 def run_task(
-    task: Task, seeds: list[int], *, data_root: Path, peers: tuple[str, ...], out: Path, venv_prefix: str
-) -> dict:
-    """Every method on one task, over seeds; figures for the first seed."""
-    per_method: dict[str, list[dict]] = {}
+    task: Task,
+    seeds: list[int],
+    *,
+    data_root: Path,
+    peers: tuple[str, ...],
+    out: Path,
+    venv_prefix: str,
+    composition: bool = False,
+) -> dict[str, dict]:
+    """Every method on one task (and, with ``composition``, its query variants), over seeds.
+
+    Models are trained once per seed and annotate every variant of the query. Returns one result
+    per variant, keyed by the task name plus the variant's suffix; open-set scores and figures
+    come from the unchanged query (figures for the first seed).
+    """
+    per_method: dict[str, dict[str, list[dict]]] = {}
     open_set: dict = {"scores": {}, "spikgpt_unknown": [], "spikgpt_false_unknown": [], "peers": {}}
-    info = {}
+    info: dict[str, dict] = {}
     for seed in seeds:
-        ref, query = task.load(data_root, seed)
-        truth = query.obs[task.label_key].astype(str).to_numpy()
+        ref, full_query = task.load(data_root, seed)
         classes = sorted(set(ref.obs[task.label_key].astype(str)))
-        unseen = ~np.isin(truth, classes)
-        info = {
-            "description": task.description,
-            "n_reference": ref.n_obs,
-            "n_query": query.n_obs,
-            "unseen_types": sorted(set(truth[unseen])),
-            "sources": task.sources,
+        spiking, spiking_s = _train(ref, task, seed, spiking=True)
+        twin, twin_s = _train(ref, task, seed, spiking=False)
+        variants = query_variants(full_query, task.label_key, classes, seed) if composition else [("", full_query)]
+        for suffix, query in variants:
+            name = task.name + suffix
+            truth = query.obs[task.label_key].astype(str).to_numpy()
+            unseen = ~np.isin(truth, classes)
+            info[name] = {
+                "description": task.description + (f" Query variant:{suffix}." if suffix else ""),
+                "n_reference": ref.n_obs,
+                "n_query": query.n_obs,
+                "unseen_types": sorted(set(truth[unseen])),
+                "sources": task.sources,
+            }
+            results: dict[str, MethodResult] = {}
+            results["spikgpt"], annotated = _annotate(spiking, query, task, spiking_s)
+            results["non-spiking twin"], _ = _annotate(twin, query, task, twin_s)
+            results.update(embedding_baselines(spiking, ref, query, task.label_key, **task.input_kw))
+            for peer in peers:
+                try:
+                    results[peer] = run_peer(
+                        peer, ref, query, task.label_key, use_raw=task.use_raw, seed=seed, venv=Path(venv_prefix + peer)
+                    )
+                except (RuntimeError, OSError) as err:
+                    logger.warning("%s skipped on %s: %s", peer, name, err)
+            for method, r in results.items():
+                per_method.setdefault(name, {}).setdefault(method, []).append(_method_row(r, truth, classes))
+            if suffix:
+                continue
+            if unseen.any():
+                for score, v in score_aurocs(spiking, query, task.label_key, **task.input_kw).items():
+                    open_set["scores"].setdefault(score, []).append(v)
+                _record_rejection(open_set, results, truth, classes)
+            if seed == seeds[0]:
+                _figures(out / "figures", name, truth, results, per_method[name], annotated, task.label_key, seed)
+    return {
+        name: {
+            **info[name],
+            "methods": per_method[name],
+            "open_set": open_set if name == task.name and open_set["scores"] else {},
         }
-        results: dict[str, MethodResult] = {}
-        results["spikgpt"], (model, annotated) = _spikgpt(ref, query, task, seed, spiking=True)
-        results["non-spiking twin"], _ = _spikgpt(ref, query, task, seed, spiking=False)
-        results.update(embedding_baselines(model, ref, query, task.label_key, **task.input_kw))
-        for peer in peers:
-            try:
-                results[peer] = run_peer(
-                    peer, ref, query, task.label_key, use_raw=task.use_raw, seed=seed, venv=Path(venv_prefix + peer)
-                )
-            except (RuntimeError, OSError) as err:
-                logger.warning("%s skipped on %s: %s", peer, task.name, err)
-        for name, r in results.items():
-            m = closed_set(truth, r.raw_label, classes)
-            known = np.isin(truth, classes)
-            per_class = f1_score(truth[known], r.raw_label[known], labels=classes, average=None, zero_division=0)
-            per_method.setdefault(name, []).append(
-                {
-                    **m,
-                    "macro_f1_after_rejection": closed_set(truth, r.label, classes)["macro_f1"],
-                    "false_unknown": metrics.unknown_rates(truth, r.label, classes)["false_unknown_known"],
-                    "per_class_f1": dict(zip(classes, map(float, per_class), strict=True)),
-                    "train_seconds": r.train_seconds,
-                    "predict_cells_per_s": len(truth) / max(r.predict_seconds, 1e-9),
-                    **r.extra,
-                }
-            )
-        if unseen.any():
-            for name, v in score_aurocs(model, query, task.label_key, **task.input_kw).items():
-                open_set["scores"].setdefault(name, []).append(v)
-            sp = metrics.unknown_rates(truth, results["spikgpt"].label, classes)
-            open_set["spikgpt_unknown"].append(sp["unseen_called_unknown"])
-            open_set["spikgpt_false_unknown"].append(sp["false_unknown_known"])
-            for peer in (p for p in peers if p in results):
-                o = metrics.open_set(truth, results[peer].label, -results[peer].score, classes)
-                row = open_set["peers"].setdefault(peer, {"auroc": [], "unknown": [], "false_unknown": []})
-                row["auroc"].append(o["unseen_auroc"])
-                row["unknown"].append(o["unseen_called_unknown"])
-                row["false_unknown"].append(o["false_unknown_known"])
-        if seed == seeds[0]:
-            fig_dir = out / "figures"
-            fig_dir.mkdir(parents=True, exist_ok=True)
-            figures.confusion(
-                truth, results["spikgpt"].label, fig_dir / f"{task.name}_confusion.png", f"spikgpt on {task.name}"
-            )
-            f1_table = pd.DataFrame({n: v[-1]["per_class_f1"] for n, v in per_method.items()})
-            figures.per_class_f1(f1_table, fig_dir / f"{task.name}_per_class_f1.png", f"per-class F1, {task.name}")
-            figures.query_umap(annotated, task.label_key, fig_dir / f"{task.name}_umap.png", seed=seed)
-    return {**info, "methods": per_method, "open_set": open_set if open_set["scores"] else {}}
+        for name in per_method
+    }
 
 
 def _ms(values: list[float]) -> str:
@@ -229,6 +286,7 @@ def run_bench(
     seeds: list[int] | None = None,
     peers: tuple[str, ...] = tuple(PEERS),
     loto: bool = True,
+    composition: bool = True,
     data_root: str | os.PathLike | None = None,
     venv_prefix: str = ".venv-",
 ) -> dict:
@@ -248,6 +306,9 @@ def run_bench(
         :data:`spikgpt.bench.baselines.PEERS`.
     loto
         Run leave-one-type-out on :data:`LOTO_TASKS`.
+    composition
+        Also score every task on composition-shifted queries (:func:`query_variants`): its most
+        abundant reference type removed, and kept at 10 %.
     data_root
         Folder with the datasets (default: ``shared/data`` beside the repository).
     venv_prefix
@@ -274,8 +335,16 @@ def run_bench(
     results: dict = {"tasks": {}, "seeds": seeds}
     for n in names:
         logger.info("Task %s", n)
-        results["tasks"][n] = run_task(
-            TASKS[n], seeds, data_root=root, peers=tuple(peers), out=out, venv_prefix=venv_prefix
+        results["tasks"].update(
+            run_task(
+                TASKS[n],
+                seeds,
+                data_root=root,
+                peers=tuple(peers),
+                out=out,
+                venv_prefix=venv_prefix,
+                composition=composition,
+            )
         )
     if loto:
         results["leave_one_type_out"] = {}
