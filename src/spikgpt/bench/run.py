@@ -37,13 +37,13 @@ NOVELTY_NOTE = (
 )
 
 
-def _train(ref, task: Task, seed: int, spiking: bool):
+def _train_spikgpt(ref, task: Task, seed: int, spiking: bool):
     t0 = time.perf_counter()
     model = train(ref, task.label_key, seed=seed, progress=False, network={"spiking": spiking}, **task.input_kw)
     return model, time.perf_counter() - t0
 
 
-def _annotate(model, query, task: Task, train_seconds: float) -> tuple[MethodResult, object]:
+def _annotate_spikgpt(model, query, task: Task, train_seconds: float) -> tuple[MethodResult, object]:
     t0 = time.perf_counter()
     annotated = annotate(query, model, copy=True, **task.input_kw)
     res = MethodResult(
@@ -135,8 +135,8 @@ def run_task(
     for seed in seeds:
         ref, full_query = task.load(data_root, seed)
         classes = sorted(set(ref.obs[task.label_key].astype(str)))
-        spiking, spiking_s = _train(ref, task, seed, spiking=True)
-        twin, twin_s = _train(ref, task, seed, spiking=False)
+        spiking, spiking_s = _train_spikgpt(ref, task, seed, spiking=True)
+        twin, twin_s = _train_spikgpt(ref, task, seed, spiking=False)
         variants = query_variants(full_query, task.label_key, classes, seed) if composition else [("", full_query)]
         for suffix, query in variants:
             name = task.name + suffix
@@ -150,8 +150,8 @@ def run_task(
                 "sources": task.sources,
             }
             results: dict[str, MethodResult] = {}
-            results["spikgpt"], annotated = _annotate(spiking, query, task, spiking_s)
-            results["non-spiking twin"], _ = _annotate(twin, query, task, twin_s)
+            results["spikgpt"], annotated = _annotate_spikgpt(spiking, query, task, spiking_s)
+            results["non-spiking twin"], _ = _annotate_spikgpt(twin, query, task, twin_s)
             results.update(embedding_baselines(spiking, ref, query, task.label_key, **task.input_kw))
             for peer in peers:
                 try:
