@@ -1,9 +1,13 @@
-"""Input of the peers' runner scripts: imports only anndata, numpy, pandas and scipy.
+"""Input and output of the peers' runner scripts: imports only anndata, numpy, pandas and scipy.
 
 Each peer runs in its own virtual environment without spikgpt; its runner script imports this
 file from beside it (``from peer_io import …``), and the package imports it as
 ``spikgpt.bench.peer_io``.
 """
+
+import json
+import resource
+from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
@@ -25,3 +29,33 @@ def log1p_cp10k(a: ad.AnnData, use_raw: bool) -> ad.AnnData:
     X = sp.diags((1e4 / np.maximum(totals, 1e-12)).astype(np.float32)) @ X
     X.data = np.log1p(X.data)
     return ad.AnnData(X.tocsr(), obs=a.obs.copy(), var=pd.DataFrame(index=names))
+
+
+@dataclass
+class PeerJob:
+    """What :func:`spikgpt.bench.baselines.run_peer` passes a runner on its command line."""
+
+    ref: ad.AnnData  # log1p CP10K, obs with the label column
+    query: ad.AnnData  # log1p CP10K
+    labels: np.ndarray  # reference labels as strings
+    out: str
+    seed: int
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> "PeerJob":
+        """``REF.h5ad QUERY.h5ad LABEL_KEY OUT.csv USE_RAW(0|1) SEED``."""
+        ref_path, query_path, label_key, out, use_raw, seed = argv[:6]
+        ref = log1p_cp10k(ad.read_h5ad(ref_path), use_raw == "1")
+        query = log1p_cp10k(ad.read_h5ad(query_path), use_raw == "1")
+        return cls(ref, query, ref.obs[label_key].astype(str).to_numpy(), out, int(seed))
+
+    def write(self, raw_label, label, confidence, train_seconds: float, predict_seconds: float) -> None:
+        """The per-cell CSV :func:`run_peer` reads, and one JSON line of timings on stdout."""
+        df = pd.DataFrame(
+            {"raw_label": np.asarray(raw_label, dtype=str), "label": np.asarray(label, dtype=str)},
+            index=self.query.obs_names,
+        )
+        df["confidence"] = np.asarray(confidence, dtype=np.float64)
+        df.to_csv(self.out)
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"train_seconds": train_seconds, "predict_seconds": predict_seconds, "peak_rss_mb": rss_mb}))

@@ -13,19 +13,15 @@ deltas is pruned (here: ``Unknown``).
 Usage: python singler_runner.py REF.h5ad QUERY.h5ad LABEL_KEY OUT.csv USE_RAW(0|1) SEED
 """
 
-import json
-import resource
 import sys
 import time
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 
 if __package__:  # imported as spikgpt.bench.<runner> (tests)
-    from spikgpt.bench.peer_io import log1p_cp10k
+    from spikgpt.bench.peer_io import PeerJob
 else:  # run as a script in the peer's own environment, which has no spikgpt
-    from peer_io import log1p_cp10k
+    from peer_io import PeerJob
 
 
 def pruned(labels: np.ndarray, delta: np.ndarray, nmads: float = 3.0) -> np.ndarray:
@@ -43,29 +39,18 @@ def pruned(labels: np.ndarray, delta: np.ndarray, nmads: float = 3.0) -> np.ndar
 def main() -> None:  # noqa: D103
     import singler
 
-    ref_path, query_path, label_key, out, use_raw, _seed = sys.argv[1:7]
-    use_raw = use_raw == "1"
-    ref, query = ad.read_h5ad(ref_path), ad.read_h5ad(query_path)
-    r, q = log1p_cp10k(ref, use_raw), log1p_cp10k(query, use_raw)
+    job = PeerJob.from_argv(sys.argv[1:])
     # SingleR takes genes × cells.
-    R, Q = np.ascontiguousarray(r.X.T.toarray()), np.ascontiguousarray(q.X.T.toarray())
-    r_genes, q_genes = list(r.var_names), list(q.var_names)
+    R, Q = np.ascontiguousarray(job.ref.X.T.toarray()), np.ascontiguousarray(job.query.X.T.toarray())
     t0 = time.perf_counter()
     res = singler.annotate_single(
-        Q, R, ref.obs[label_key].astype(str).tolist(), test_features=q_genes, ref_features=r_genes
+        Q, R, job.labels.tolist(), test_features=list(job.query.var_names), ref_features=list(job.ref.var_names)
     )
     t1 = time.perf_counter()
     best = np.asarray(res.get_column("best"), dtype=object).astype(str)
     delta = np.asarray(res.get_column("delta"), dtype=np.float64)
-    df = pd.DataFrame(
-        {"raw_label": best, "label": np.where(pruned(best, delta), "Unknown", best), "confidence": delta},
-        index=query.obs_names,
-    )
-    df.to_csv(out)
     # SingleR has no separate training step: marker selection and scoring run in one call.
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    info = {"train_seconds": 0.0, "predict_seconds": t1 - t0, "peak_rss_mb": rss_mb}
-    print(json.dumps(info))
+    job.write(best, np.where(pruned(best, delta), "Unknown", best), delta, 0.0, t1 - t0)
 
 
 if __name__ == "__main__":
