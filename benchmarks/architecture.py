@@ -1,0 +1,114 @@
+"""Network width and time steps, chosen leave-one-dataset-out on the bench tasks.
+
+Each configuration (``NAME='{"time_steps": 8}'``, fields of :class:`spikgpt.model.NetworkConfig`)
+trains spikgpt on every task of ``spikgpt bench`` (unchanged queries) with seeds 0–2 and scores
+the macro-F1 of the labels before Unknown. The default's rows come from the committed bench run
+(identical code and seeds). Leave-one-dataset-out: for each dataset the configuration with the
+best mean on the other datasets is chosen and scored on it.
+
+Usage: ``python benchmarks/architecture.py --configs T8='{"time_steps": 8}' D128='{"dim": 128}'
+--out benchmarks/results/architecture``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+import spikgpt
+from spikgpt.bench.metrics import closed_set
+from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS
+
+BENCH = Path(__file__).resolve().parent / "results" / "bench" / "results.json"
+
+
+def run(name: str, network: dict, data_root: Path) -> list[dict]:
+    rows = []
+    for task_name, task in TASKS.items():
+        for seed in (0, 1, 2):
+            ref, query = task.load(data_root, seed)
+            model = spikgpt.train(ref, task.label_key, seed=seed, progress=False, network=network, **task.input_kw)
+            out = spikgpt.annotate(query, model, copy=True, progress=False, **task.input_kw)
+            truth = query.obs[task.label_key].astype(str).to_numpy()
+            pred = out.obs["spikgpt_raw_label"].astype(str).to_numpy()
+            rows.append(
+                {
+                    "config": name,
+                    "task": task_name,
+                    "seed": seed,
+                    "macro_f1": closed_set(truth, pred, list(model.classes))["macro_f1"],
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def default_rows() -> list[dict]:
+    tasks = json.loads(BENCH.read_text())["tasks"]
+    return [
+        {"config": "default", "task": name, "seed": seed, "macro_f1": r["macro_f1"]}
+        for name in TASKS
+        for seed, r in enumerate(tasks[name]["methods"]["spikgpt"])
+    ]
+
+
+def lodo(rows: list[dict]) -> str:
+    dataset = {t: t.split("_")[0] for t in TASKS}
+    configs = sorted({r["config"] for r in rows})
+
+    def mean(config: str, datasets: set[str]) -> float:
+        return float(
+            np.mean(
+                [
+                    np.mean([r["macro_f1"] for r in rows if r["config"] == config and r["task"] == t])
+                    for t in TASKS
+                    if dataset[t] in datasets
+                ]
+            )
+        )
+
+    lines = ["| task | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
+    for t in TASKS:
+        cells = [np.array([r["macro_f1"] for r in rows if r["config"] == c and r["task"] == t]) for c in configs]
+        lines.append(f"| {t} | " + " | ".join(f"{v.mean():.3f} ± {v.std():.3f}" for v in cells) + " |")
+    lines += ["", "| left out | chosen on the others | held-out macro-F1 | default |", "|---|---|---|---|"]
+    held, base = [], []
+    for d in sorted(set(dataset.values())):
+        others = set(dataset.values()) - {d}
+        best = max(configs, key=lambda c: mean(c, others))
+        held.append(mean(best, {d}))
+        base.append(mean("default", {d}))
+        lines.append(f"| {d} | {best} | {held[-1]:.3f} | {base[-1]:.3f} |")
+    lines.append(f"| **mean** | | **{np.mean(held):.3f}** | **{np.mean(base):.3f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", required=True, help="NAME='{\"field\": value}'")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = default_rows()
+    for spec in args.configs:
+        name, network = spec.split("=", 1)
+        cached = args.out / f"{name}.json"
+        if cached.exists():
+            rows += json.loads(cached.read_text())
+            continue
+        new = run(name, json.loads(network), args.data_dir)
+        cached.write_text(json.dumps(new, indent=1))
+        rows += new
+    table = lodo(rows)
+    (args.out / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
