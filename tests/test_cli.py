@@ -147,3 +147,9 @@ def test_version_flag():
 
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and __version__ in r.output
+
+
+def test_bench_names_an_unknown_peer_before_running_anything(tmp_path):
+    r = runner.invoke(app, ["bench", "--peer", "nope", "--out", str(tmp_path / "b"), "-q"])
+    assert r.exit_code != 0 and "Unknown peer(s) ['nope']" in r.output and "symphony" in r.output
+    assert not (tmp_path / "b" / "results.json").exists()

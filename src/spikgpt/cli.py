@@ -378,7 +378,7 @@ def bench(
     seeds: Annotated[int, typer.Option(help="Number of seeds (0..n-1).")] = 3,
     peer: Annotated[
         list[str] | None,
-        typer.Option(help="Peer to run (repeatable): celltypist, singler; both by default (own venvs, created once)."),
+        typer.Option(help="Peer to run (repeatable): celltypist, singler, symphony; all by default (own venvs)."),
     ] = None,
     no_peers: Annotated[bool, typer.Option("--no-peers", help="Run no peer (spikgpt, twin, LR and kNN only).")] = False,
     loto: Annotated[bool, typer.Option(help="Leave-one-type-out open-set evaluation.")] = True,
@@ -395,7 +395,7 @@ def bench(
     ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Benchmark spikgpt against its non-spiking twin, LR/kNN on the same embedding, CellTypist and SingleR."""
+    """Benchmark spikgpt against its non-spiking twin, LR/kNN on its embedding, CellTypist, SingleR, Symphony."""
     from spikgpt.bench.baselines import PEERS
     from spikgpt.bench.run import run_bench
 
