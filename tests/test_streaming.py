@@ -4,6 +4,7 @@ import hashlib
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from synthetic import synthetic_counts
@@ -182,3 +183,22 @@ def test_reference_file_trains_in_chunks_like_in_memory(tmp_path, monkeypatch):
     assert (a["spikgpt_raw_label"] == b["spikgpt_raw_label"])[known].mean() > 0.95
     with pytest.raises(Exception, match="cell_typo"):
         spikgpt.train(tmp_path / "ref.h5ad", "cell_typo", train_config=FAST, progress=False)
+
+
+@pytest.mark.parametrize("ext", ["h5ad", "zarr"])
+@pytest.mark.parametrize("index_name", [None, "cell_id"])
+def test_obs_index_reads_the_cell_names_as_the_whole_obs_would(tmp_path, ext, index_name):
+    from anndata.io import read_elem
+
+    from spikgpt.streaming import close_store, obs_index, open_store
+
+    names = pd.Index([f"c{i}" for i in range(6)], name=index_name)
+    a = ad.AnnData(np.ones((6, 2)), obs=pd.DataFrame({"t": list("aabbcc")}, index=names))
+    path = tmp_path / f"a.{ext}"
+    a.write_h5ad(path) if ext == "h5ad" else a.write_zarr(path)
+    store = open_store(path)
+    try:
+        full, index = read_elem(store["obs"]).index, obs_index(store)
+        assert index.equals(full) and index.name == full.name == index_name
+    finally:
+        close_store(store)

@@ -11,7 +11,6 @@ from dataclasses import replace
 import anndata as ad
 import numpy as np
 import pandas as pd
-from anndata.io import read_elem
 from tqdm.auto import tqdm
 
 from spikgpt import __version__
@@ -27,7 +26,7 @@ from spikgpt.model.training import MIN_SPLIT_CELLS, TrainConfig, fit_network, st
 from spikgpt.openset import DEFAULT_FDR, UNKNOWN, check_fdr, reject
 from spikgpt.openset.decision import check_shift
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
-from spikgpt.streaming import STREAM_REFERENCE_CELLS, close_store, open_store, stored_reference
+from spikgpt.streaming import STREAM_REFERENCE_CELLS, close_store, obs_index, open_store, stored_reference
 
 logger = logging.getLogger("spikgpt")
 
@@ -250,13 +249,11 @@ def train(
 
 
 def _stored_cells(path: str | os.PathLike) -> int:
-    """Cells in an ``.h5ad`` / ``.zarr`` reference: the length of its ``obs`` index, nothing read."""
+    """Cells in an ``.h5ad`` / ``.zarr`` reference: the length of its ``obs`` index."""
     path = check_input_file(path)
     store = open_store(path)
     try:
-        obs = store["obs"]
-        index = obs.attrs.get("_index")
-        return int(obs[index].shape[0]) if index is not None and index in obs else len(read_elem(obs).index)
+        return len(obs_index(store))
     finally:
         close_store(store)
 

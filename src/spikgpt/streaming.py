@@ -77,6 +77,16 @@ def close_store(store: Any) -> None:
         store.close()
 
 
+def obs_index(store: Any) -> pd.Index:
+    """The cell names of an open store, read without the rest of ``obs``."""
+    obs = store["obs"]
+    index = obs.attrs.get("_index")
+    if index is not None and index in obs:
+        # named as anndata names it when it reads the whole obs
+        return pd.Index(read_elem(obs[index]), name=None if index == "_index" else index)
+    return read_elem(obs).index
+
+
 class QueryStore:
     """Rows of an open store's expression (``X``, a layer or ``raw``), its ``var`` and cell names."""
 
@@ -99,7 +109,7 @@ class QueryStore:
             raise InputError(msg)
         self.matrix = sparse_dataset(elem) if encoding == "csr_matrix" else elem
         self.var = read_elem(store["raw/var" if use_raw else "var"])
-        self.obs_names = pd.Index(read_elem(store["obs"]).index)
+        self.obs_names = obs_index(store)
         self.n_obs = len(self.obs_names)
         # Embeddings an obsm-based model reads (absent keys are reported by the embedder).
         held = store["obsm"] if "obsm" in store else {}
