@@ -23,20 +23,25 @@ from spikgpt.model.annotator import SpikGPTModel
 
 logger = logging.getLogger("spikgpt")
 
-#: Peers run in their own virtual environments (created on first use; registry access once), with
-#: what each installs. CellTypist 1.7.1 breaks on scikit-learn >= 1.8; the ``singler`` bindings
-#: bring the BiocPy stack (biocframe, summarizedexperiment, mattress, knncolle, …; ~400 MB);
-#: symphonypy brings scanpy 1.11 and harmonypy (~850 MB with numba).
-PEERS: dict[str, tuple[str, ...]] = {
-    "celltypist": ("celltypist==1.7.1", "scikit-learn<1.8"),
-    "singler": ("singler==0.5.0", "anndata==0.12.19"),
-    "symphony": ("symphonypy==0.2.4",),
-}
-#: How the peers' own rejection is made, for the tables.
-PEER_REJECTION = {
-    "celltypist": "CellTypist: `prob match` at p < 0.5 (Unassigned)",
-    "singler": "SingleR: R's `pruneScores` default (delta below median − 3 MAD of its label)",
-    "symphony": "Symphony: none (its mapping distance is scored for AUROC only)",
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer method run in its own virtual environment (created on first use; registry access once)."""
+
+    pins: tuple[str, ...]  # what its environment installs
+    rejection: str  # how its own Unknown is made, for the tables
+
+
+#: CellTypist 1.7.1 breaks on scikit-learn >= 1.8; the ``singler`` bindings bring the BiocPy stack
+#: (biocframe, summarizedexperiment, mattress, knncolle, …; ~400 MB); symphonypy brings scanpy 1.11
+#: and harmonypy (~850 MB with numba).
+PEERS: dict[str, Peer] = {
+    "celltypist": Peer(("celltypist==1.7.1", "scikit-learn<1.8"), "CellTypist: `prob match` at p < 0.5 (Unassigned)"),
+    "singler": Peer(
+        ("singler==0.5.0", "anndata==0.12.19"),
+        "SingleR: R's `pruneScores` default (delta below median − 3 MAD of its label)",
+    ),
+    "symphony": Peer(("symphonypy==0.2.4",), "Symphony: none (its mapping distance is scored for AUROC only)"),
 }
 
 
@@ -76,9 +81,9 @@ def peer_python(peer: str, venv: Path) -> Path:
     """The python of ``peer``'s isolated environment ``venv``, created on first use."""
     py = venv / "bin" / "python"
     if not py.exists():
-        logger.info("Creating %s for %s (%s).", venv, peer, ", ".join(PEERS[peer]))
+        logger.info("Creating %s for %s (%s).", venv, peer, ", ".join(PEERS[peer].pins))
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", *PEERS[peer]], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *PEERS[peer].pins], check=True)
     return py
 
 

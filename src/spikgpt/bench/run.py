@@ -19,7 +19,7 @@ from sklearn.metrics import f1_score
 from spikgpt import __version__
 from spikgpt.api import annotate, train
 from spikgpt.bench import figures, metrics
-from spikgpt.bench.baselines import PEER_REJECTION, PEERS, MethodResult, embedding_baselines, run_peer
+from spikgpt.bench.baselines import PEERS, MethodResult, embedding_baselines, run_peer
 from spikgpt.bench.metrics import closed_set
 from spikgpt.bench.openset import leave_one_type_out, score_aurocs
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS, Task
@@ -221,7 +221,7 @@ def markdown(results: dict) -> str:
         "",
         "; ".join(
             ["spikgpt: conformal p-values, Benjamini–Hochberg at FDR 0.10"]
-            + [PEER_REJECTION[m] for m in rejecting if m in PEER_REJECTION]
+            + [PEERS[m].rejection for m in rejecting if m in PEERS]
         )
         + " (counted as Unknown).",
         "",
