@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument(
         "--values", choices=["log", "rank"], default=None, help="DefaultEmbedder(values=...); default: the package's"
     )
+    p.add_argument("--calibration-folds", type=int, default=1, help="spikgpt.train(calibration_folds=...)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,9 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             emb = "default" if args.values is None else DefaultEmbedder(values=args.values)
-            model = spikgpt.train(ref, key, embedder=emb, seed=seed, progress=False, **kw)
+            model = spikgpt.train(
+                ref, key, embedder=emb, seed=seed, progress=False, calibration_folds=args.calibration_folds, **kw
+            )
             data = cache_one(model, query, key, kw)
             model.save(f.with_suffix(""), overwrite=True)
             np.savez_compressed(f, dataset=dataset, **data)
