@@ -1,13 +1,15 @@
-"""Network width and time steps, chosen leave-one-dataset-out on the bench tasks.
+"""Embedder, network width and time steps, chosen leave-one-dataset-out on the bench tasks.
 
-Each configuration (``NAME='{"time_steps": 8}'``, fields of :class:`spikgpt.model.NetworkConfig`)
-trains spikgpt on every task of ``spikgpt bench`` (unchanged queries) with seeds 0–2 and scores
-the macro-F1 of the labels before Unknown. The default's rows come from the committed bench run
-(identical code and seeds). Leave-one-dataset-out: for each dataset the configuration with the
+Each configuration (``NAME='{"time_steps": 8}'``: fields of :class:`spikgpt.model.NetworkConfig`,
+plus ``"embedder"``: an embedder spec such as ``"default:hvg"`` or a dict of
+:class:`~spikgpt.embed.default.DefaultEmbedder` settings) trains spikgpt on every task of
+``spikgpt bench`` (unchanged queries) with seeds 0–2 and scores
+the macro-F1 of the labels before Unknown. Leave-one-dataset-out: for each dataset the configuration with the
 best mean on the other datasets is chosen and scored on it.
 
 Usage: ``python benchmarks/architecture.py --configs T8='{"time_steps": 8}' D128='{"dim": 128}'
---out benchmarks/results/architecture``
+--out benchmarks/results/architecture``. The rows named ``default`` are those of the committed bench
+run (``benchmarks/results/bench/results.json``), i.e. whatever the defaults were when it ran.
 """
 
 from __future__ import annotations
@@ -22,16 +24,23 @@ import numpy as np
 import spikgpt
 from spikgpt.bench.metrics import closed_set
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS
+from spikgpt.embed.default import DefaultEmbedder
 
 BENCH = Path(__file__).resolve().parent / "results" / "bench" / "results.json"
 
 
-def run(name: str, network: dict, data_root: Path) -> list[dict]:
+def run(name: str, config: dict, data_root: Path) -> list[dict]:
+    network = {k: v for k, v in config.items() if k != "embedder"}
+    embedder = config.get("embedder", "default")
+    if isinstance(embedder, dict):  # DefaultEmbedder settings, e.g. {"markers_per_pair": 25}
+        embedder = DefaultEmbedder(**embedder)
     rows = []
     for task_name, task in TASKS.items():
         for seed in (0, 1, 2):
             ref, query = task.load(data_root, seed)
-            model = spikgpt.train(ref, task.label_key, seed=seed, progress=False, network=network, **task.input_kw)
+            model = spikgpt.train(
+                ref, task.label_key, seed=seed, progress=False, network=network, embedder=embedder, **task.input_kw
+            )
             out = spikgpt.annotate(query, model, copy=True, progress=False, **task.input_kw)
             truth = query.obs[task.label_key].astype(str).to_numpy()
             pred = out.obs["spikgpt_raw_label"].astype(str).to_numpy()

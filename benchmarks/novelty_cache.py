@@ -29,7 +29,6 @@ from sklearn.model_selection import train_test_split
 import spikgpt
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS
 from spikgpt.data import Cells
-from spikgpt.embed.default import DefaultEmbedder
 
 
 def scenarios(data_root: Path):
@@ -92,9 +91,7 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--only", nargs="*", default=None, help="dataset names to run")
-    p.add_argument(
-        "--values", choices=["log", "rank"], default=None, help="DefaultEmbedder(values=...); default: the package's"
-    )
+    p.add_argument("--embedder", default="default", help="embedder spec, e.g. default:hvg (default: the package's)")
     p.add_argument("--calibration-folds", type=int, default=1, help="spikgpt.train(calibration_folds=...)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -107,9 +104,14 @@ def main() -> None:
             if f.exists():
                 continue
             t0 = time.perf_counter()
-            emb = "default" if args.values is None else DefaultEmbedder(values=args.values)
             model = spikgpt.train(
-                ref, key, embedder=emb, seed=seed, progress=False, calibration_folds=args.calibration_folds, **kw
+                ref,
+                key,
+                embedder=args.embedder,
+                seed=seed,
+                progress=False,
+                calibration_folds=args.calibration_folds,
+                **kw,
             )
             data = cache_one(model, query, key, kw)
             model.save(f.with_suffix(""), overwrite=True)

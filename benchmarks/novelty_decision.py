@@ -9,9 +9,12 @@ Unknown on known cells and the
 FDR of the Unknown calls.
 
 Leave-one-dataset-out: for each dataset, the rule with the best objective on the *other*
-datasets is chosen, and its numbers on the left-out dataset are the headline. Objective:
-mean share of unseen cells called Unknown, minus 2 × the mean excess of FDR over the target and
-2 × the mean excess of false Unknown over 5 %.
+datasets is chosen, and its numbers on the left-out dataset are the headline. Objective: the
+share of unseen cells called Unknown (mean over datasets), minus 2 × the largest excess of a
+dataset's FDR over the target and 2 × the largest excess of a dataset's false Unknown over 5 %
+(the targets hold "on every task": a rule that fails one dataset is not rescued by the others;
+until 0.5 the excesses were pooled over scenarios, which let a batch-shifted dataset's 20–60 %
+false Unknown hide behind the rest).
 
 Usage: ``python benchmarks/novelty_decision.py --cache benchmarks/results/novelty_cache
 --out benchmarks/results/novelty_decision``
@@ -32,24 +35,19 @@ from spikgpt.model import SpikGPTModel
 from spikgpt.openset.decision import DEFAULT_FDR, SHIFT_MODES, calibration_statistic, decide
 from spikgpt.openset.novelty import SCORES
 
-#: Candidate score sets. Each holds a distance in the embedding: a confidence-only rule (max_prob
-#: alone, tried and measured in the README) calls cells with scrambled profiles confidently known,
-#: which the shared data never tests but a user's data will.
+#: Candidate score sets. Each holds a distance in the embedding and the off-subspace residual:
+#: a confidence-only rule (max_prob alone, tried and measured in the README) calls cells with
+#: scrambled profiles confidently known, and a rule of embedding distances alone is blind to a new
+#: type whose programme lies in genes the reference barely varies (the tests' synthetic new type:
+#: 0 % Unknown with the Mahalanobis distance alone, 83 % with the residual in the combination) —
+#: which the shared data rarely tests but a user's data will.
 COMPONENTS = {
-    "knn+gauss+prob": ("knn_embedding", "gaussian_embedding", "max_prob"),
-    "knn+prob": ("knn_embedding", "max_prob"),
-    "gauss+prob": ("gaussian_embedding", "max_prob"),
-    "knn+gauss": ("knn_embedding", "gaussian_embedding"),
-    "knn": ("knn_embedding",),
-    "gauss": ("gaussian_embedding",),
-    "maha": ("mahalanobis_embedding",),
-    "maha+prob": ("mahalanobis_embedding", "max_prob"),
-    "knn+gauss+prob+latent": ("knn_embedding", "gaussian_embedding", "max_prob", "knn_latent"),
-    "maha+knn+prob": ("mahalanobis_embedding", "knn_embedding", "max_prob"),
     "knn+prob+resid": ("knn_embedding", "max_prob", "pca_residual"),
     "knn+resid": ("knn_embedding", "pca_residual"),
     "knn+gauss+prob+resid": ("knn_embedding", "gaussian_embedding", "max_prob", "pca_residual"),
     "maha+knn+prob+resid": ("mahalanobis_embedding", "knn_embedding", "max_prob", "pca_residual"),
+    "maha+resid": ("mahalanobis_embedding", "pca_residual"),
+    "maha+prob+resid": ("mahalanobis_embedding", "max_prob", "pca_residual"),
 }
 SIZES = (3, 10, 30, None)
 
@@ -113,8 +111,8 @@ def evaluate(
                 names,
                 fdr=fdr,
                 calibration_statistics=cal_stat,
-                shift=shift,
-                null_cells=sc["mapped"][mapping]["matched"][idx] if matched else None,
+                shift=f"{shift}@matched" if matched else shift,
+                null_cells=sc["mapped"][mapping]["matched"][idx],
             )
             u = unseen[idx]
             called = d.unknown
@@ -147,8 +145,12 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def objective(s: dict, fdr: float) -> float:
-    return s["recall"] - 2 * max(0.0, s["fdr"] - fdr) - 2 * max(0.0, s["false_unknown"] - 0.05)
+def objective(per_dataset: list[dict], fdr: float) -> float:
+    """Mean recall over datasets minus twice the worst dataset's FDR and false-Unknown excesses."""
+    recall = np.mean([s["recall"] for s in per_dataset])
+    fdr_excess = max(max(0.0, s["fdr"] - fdr) for s in per_dataset)
+    fu_excess = max(max(0.0, s["false_unknown"] - 0.05) for s in per_dataset)
+    return float(recall - 2 * fdr_excess - 2 * fu_excess)
 
 
 def main() -> None:
@@ -164,9 +166,11 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=5)
     args = p.parse_args()
     caches = dict(c.split("=", 1) if "=" in c else ("", c) for c in args.cache)
-    candidates = [
-        c for c in product(COMPONENTS, SHIFT_MODES, (False, True), (True, False)) if c[1] != "none" or not c[2]
-    ]
+    # Shift estimated on all query cells only: an estimate from the cells the mapping matched
+    # (``@matched``, a candidate until 0.5) is biased low — the matched cells are those nearest
+    # the reference — and let 13–17 % of a wholly shifted synthetic query be called Unknown
+    # (tests/test_api.py, the batch-shift test), against 2 % estimated on all cells.
+    candidates = list(product(COMPONENTS, SHIFT_MODES, (False,), (True, False)))
     per = {}  # (candidate) -> dataset -> rows
     f1 = {}  # (representation, mapping) -> dataset -> macro-F1
     for label, folder in caches.items():
@@ -192,7 +196,7 @@ def main() -> None:
         rep, mapping = max(f1, key=lambda lm: np.mean([f1[lm][d] for d in train]))
         prefix, tag = (f"{rep}|" if rep else ""), ("mnn" if mapping else "nomap")
         score = {
-            k: objective(summarise([r for d in train for r in per[k][d]]), args.fdr)
+            k: objective([table[k][d] for d in train], args.fdr)
             for k in per
             if k.endswith(tag) and (not prefix or k.startswith(prefix))
         }

@@ -113,11 +113,16 @@ def test_batch_shifted_query_keeps_its_labels_and_a_new_type_stays_apart():
     assert mapped.uns["spikgpt"]["global_shift_removed"]["scale"] > 1  # measured 1.98
     off = spikgpt.annotate(query, model, shift="none", copy=True).uns["spikgpt"]["global_shift_removed"]
     assert off == {"location": 0.0, "scale": 1.0}
-    # a query lacking a type keeps its other labels
+    # estimated on the mapping's matched cells only, the shift comes out smaller: they are the
+    # query cells nearest the reference (why "@matched" is an option, not the default)
+    on_matched = spikgpt.annotate(query, model, shift="scale@matched", copy=True).uns["spikgpt"]
+    assert on_matched["shift_correction"] == "scale@matched"
+    assert on_matched["global_shift_removed"]["location"] < mapped.uns["spikgpt"]["global_shift_removed"]["location"]
+    # a query lacking a type keeps its other labels (those of known types: D's raw label is arbitrary)
     no_c = mapped[truth != "C"].copy()
     again = spikgpt.annotate(query[truth != "C"].copy(), model, copy=True)
-    same = (again.obs["spikgpt_raw_label"].astype(str) == no_c.obs["spikgpt_raw_label"].astype(str)).mean()
-    assert same >= 0.95
+    same = again.obs["spikgpt_raw_label"].astype(str) == no_c.obs["spikgpt_raw_label"].astype(str)
+    assert same[(truth != "D")[truth != "C"]].mean() >= 0.95
 
 
 def test_deterministic_given_seed_whatever_the_thread_count(counts):
@@ -172,15 +177,17 @@ def test_gene_order_and_extra_genes_do_not_change_predictions(trained, counts):
 def test_rare_types_and_tiny_references_train():
     """Types of 1, 2 and 4 cells are kept and learned; a 50-cell, 8-type reference trains."""
     ref = synthetic_counts({"A": 60, "B": 60, "C": 40, "D": 1, "E": 2, "F": 4}, seed=1)
-    model = spikgpt.train(ref, "cell_type", train_config=FAST, progress=False)
-    assert model.classes == list("ABCDEF")
-    assert model.summary["rare_classes"] == ["D", "E", "F"]
     query = synthetic_counts({"A": 10, "B": 10, "C": 10, "D": 10, "E": 10, "F": 10}, seed=2)
-    spikgpt.annotate(query, model)
-    raw = query.obs["spikgpt_raw_label"].astype(str).to_numpy()
     truth = query.obs["cell_type"].astype(str).to_numpy()
-    hits = {t: (raw[truth == t] == t).mean() for t in "DEF"}
-    # measured 0.4 / 0.8 / 1.0: even a type seen once is predicted for a good share of its cells
+    hits = []
+    for seed in (0, 1, 2):  # what one cell teaches depends on the seed (D: 0.0, 0.6, 0.6 measured)
+        model = spikgpt.train(ref, "cell_type", train_config=FAST, progress=False, seed=seed)
+        assert model.classes == list("ABCDEF")
+        assert model.summary["rare_classes"] == ["D", "E", "F"]
+        raw = spikgpt.annotate(query, model, copy=True).obs["spikgpt_raw_label"].astype(str).to_numpy()
+        hits.append([(raw[truth == t] == t).mean() for t in "DEF"])
+    hits = dict(zip("DEF", np.mean(hits, axis=0), strict=True))
+    # measured 0.40 / 0.83 / 0.93: even a type seen once is predicted for a good share of its cells
     assert hits["D"] >= 0.3 and hits["E"] >= 0.6 and hits["F"] >= 0.8, hits
     sizes = dict(zip("ABCDEFGH", [7, 7, 6, 6, 6, 6, 6, 6], strict=True))
     tiny = synthetic_counts(sizes, seed=3)

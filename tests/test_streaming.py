@@ -202,3 +202,16 @@ def test_obs_index_reads_the_cell_names_as_the_whole_obs_would(tmp_path, ext, in
         assert index.equals(full) and index.name == full.name == index_name
     finally:
         close_store(store)
+
+
+def test_fitting_sample_returns_the_positions_it_read(tmp_path):
+    from spikgpt.streaming import stored_reference
+
+    ref = synthetic_counts({"A": 20, "B": 20}, seed=1)
+    ref.write_h5ad(tmp_path / "r.h5ad")
+    with stored_reference(tmp_path / "r.h5ad", layer=None, use_raw=False, gene_key=None) as (_, _, cells):
+        sample, rows = cells.fitting_sample(15, seed=0)
+        whole, all_rows = cells.fitting_sample(100, seed=0)
+    assert len(rows) == 15 and list(sample.adata.obs_names) == list(ref.obs_names[rows])
+    np.testing.assert_array_equal(all_rows, np.arange(40))
+    assert whole.n_obs == 40

@@ -89,7 +89,8 @@ def _fit_pipeline(
     """
     # A passed instance is copied: the caller's object is not fitted in place.
     embedder = copy.deepcopy(make_embedder(embedder_spec))
-    embedder.fit(cells.fitting_sample(MAX_FIT_CELLS, seed), seed=seed)
+    sample, rows = cells.fitting_sample(MAX_FIT_CELLS, seed)
+    embedder.fit(sample, seed=seed, labels=y[rows])
     E = np.concatenate([embedder.transform(c) for c in cells.chunks()])
     ok = np.isfinite(E).all(axis=1)
     if not ok.all():
@@ -405,10 +406,11 @@ def annotate(
     mapping
         Map the query onto the reference first; the model's setting (on) when ``None``.
     shift
-        Correction of a global shift of the query's p-values (:data:`spikgpt.openset.decision.SHIFT_MODES`);
-        the model's (``"scale"``) when ``None``. ``"none"`` gives far more power when the query
-        is from the reference's own study and many of its cells are new (pbmc68k with B cells
-        held out: 81 % vs 0 % Unknown), at the cost of false Unknown under batch shifts.
+        Correction of a global shift of the query's p-values (:data:`spikgpt.openset.decision.SHIFT_MODES`,
+        optionally ``"MODE@matched"``: estimated on the query cells the mapping matched to
+        reference cells); the model's (``"scale"``) when ``None``. ``"none"`` gives more
+        power when the query is from the reference's own study and many of its cells are new,
+        at the cost of false Unknown under batch shifts.
     key_added
         Prefix of the keys written.
     copy

@@ -164,7 +164,8 @@ def annotate(
         str | None,
         typer.Option(
             help="Global-shift correction of p-values: scale (default), none (more power within one study), "
-            "location, quartile or gated."
+            "location, quartile or gated; MODE@matched estimates it on the query cells the mapping matched to "
+            "reference cells only."
         ),
     ] = None,
     chunk_size: Annotated[

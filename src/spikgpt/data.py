@@ -444,9 +444,9 @@ class Cells:
         """Number of cells."""
         return self.adata.n_obs
 
-    def fitting_sample(self, max_cells: int, seed: int) -> Cells:
-        """The cells an embedder is fitted on: all of them in memory (the embedder samples itself)."""
-        return self
+    def fitting_sample(self, max_cells: int, seed: int) -> tuple[Cells, np.ndarray]:
+        """The cells an embedder is fitted on, and their positions: all of them in memory (the embedder samples)."""
+        return self, np.arange(self.n_obs)
 
     def chunks(self):
         """The cells in pieces for embedding: one piece in memory (a file-backed reference streams)."""

@@ -299,13 +299,15 @@ def annotate_file(
                 raise InputError(f"{path} has no cells. Pass a query with at least one cell.")
             # Only the default embedder reads the normalised matrix.
             scale = src.scale(gene_key) if isinstance(model.embedder, DefaultEmbedder) else None
-            mapped = None
+            mapped, matched = None, None
             if use_mapping and model.novelty is not None:
                 rows = query_sample(n)
                 sample = Cells(src.rows(rows), gene_key=gene_key, scale=scale)
                 E_s, _ = model.embed(sample, names)
                 ok = np.isfinite(E_s).all(axis=1)
                 mapped = model.map_query(E_s, n_query=n) if ok.all() else model.map_query(E_s[ok])
+                # Positions in the whole query only when the sample was used as drawn.
+                matched = mapped.matched if mapped is not None and ok.all() else None
             job = ChunkJob(str(path), layer, use_raw, gene_key, scale, names, mapped, obsm_keys)
             bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
             if client is None:
@@ -328,7 +330,12 @@ def annotate_file(
             try:
                 acc = _collect(out_store, results, len(bounds), n, names, key_added, progress)
                 pvalue, qvalue, unknown, reason, removed = model.decide_unknown(
-                    acc.scores if model.novelty is not None else {}, acc.embedded, names, fdr, shift
+                    acc.scores if model.novelty is not None else {},
+                    acc.embedded,
+                    names,
+                    fdr,
+                    shift,
+                    matched=matched,
                 )
                 cols = annotation_columns(
                     model, acc.raw_label, acc.confidence, pvalue, qvalue, unknown, reason, key_added
@@ -441,12 +448,12 @@ class StoredCells:
         cells = Cells(self.source.rows(rows[order]), gene_key=self.gene_key, scale=self.scale)
         return cells if (order == np.arange(len(order))).all() else cells.subset(np.argsort(order))
 
-    def fitting_sample(self, max_cells: int, seed: int) -> Cells:
-        """At most ``max_cells`` of these cells (seeded), in memory, for fitting the embedder."""
-        if self.n_obs <= max_cells:
-            return self._read(self.rows)
-        pick = np.sort(np.random.default_rng(seed).choice(self.n_obs, max_cells, replace=False))
-        return self._read(self.rows[pick])
+    def fitting_sample(self, max_cells: int, seed: int) -> tuple[Cells, np.ndarray]:
+        """At most ``max_cells`` of these cells (seeded), in memory, for fitting the embedder, and their positions."""
+        pick = np.arange(self.n_obs)
+        if self.n_obs > max_cells:
+            pick = np.sort(np.random.default_rng(seed).choice(self.n_obs, max_cells, replace=False))
+        return self._read(self.rows[pick]), pick
 
     def chunks(self):
         """These cells as in-memory :class:`~spikgpt.data.Cells`, ``chunk_size`` at a time, in order."""

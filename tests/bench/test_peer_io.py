@@ -33,9 +33,23 @@ def test_peer_job_reads_the_command_line_and_writes_what_run_peer_reads(tmp_path
     out = tmp_path / "pred.csv"
     job = PeerJob.from_argv([str(tmp_path / "r.h5ad"), str(tmp_path / "q.h5ad"), "t", str(out), "0", "3"])
     assert list(job.labels) == ["A", "B", "NA"] and job.seed == 3 and job.query.shape == (2, 3)
+    assert job.options == ()
+    argv = [str(tmp_path / "r.h5ad"), str(tmp_path / "q.h5ad"), "t", str(out), "0", "3", "majority"]
+    assert PeerJob.from_argv(argv).options == ("majority",)
     job.write(["A", "NA"], ["A", "Unknown"], [0.9, 0.1], 1.5, 0.5)
     df = pd.read_csv(out, index_col=0, keep_default_na=False)  # as run_peer reads it: "NA" stays a label
     assert list(df.index) == ["q1", "q2"] and list(df["raw_label"]) == ["A", "NA"]
     assert list(df["label"]) == ["A", "Unknown"] and df["confidence"].tolist() == [0.9, 0.1]
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["train_seconds"] == 1.5 and info["predict_seconds"] == 0.5 and info["peak_rss_mb"] > 0
+
+
+def test_every_peer_has_a_runner_script():
+    from pathlib import Path
+
+    import spikgpt.bench.baselines as baselines
+
+    here = Path(baselines.__file__).parent
+    for peer in baselines.PEERS:
+        assert (here / f"{baselines.peer_runner(peer)}_runner.py").exists(), peer
+    assert baselines.peer_runner("celltypist_majority") == "celltypist"

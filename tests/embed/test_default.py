@@ -63,4 +63,55 @@ def test_bad_specs():
         DefaultEmbedder(scale="batch")
     with pytest.raises(InputError, match="default:rank"):
         make_embedder("default:binned")
-    assert make_embedder("default:rank").values == "rank" and make_embedder("default").values == "log"
+    assert make_embedder("default:log").values == "log" and make_embedder("default").values == "rank"
+
+
+def test_pairwise_markers_pick_type_genes_not_batch_genes(counts):
+    from spikgpt.data import prepare
+    from spikgpt.embed.default import pairwise_markers
+
+    X = prepare(counts).X.tolil()
+    labels = counts.obs["cell_type"].astype(str).to_numpy()
+    batch = np.arange(counts.n_obs) % 2 == 1
+    X[np.flatnonzero(batch), 100] = 6.0  # a gene that separates batches, not types
+    genes = counts.var_names.to_numpy()
+    chosen = pairwise_markers(X.tocsr(), genes, labels, per_pair=8)
+    # synthetic_counts: type i over-expresses genes 8i … 8i + 7
+    assert set(genes[:24]) <= set(chosen) and "GENE100" not in chosen
+    assert len(pairwise_markers(X.tocsr(), genes, labels, per_pair=2)) <= 3 * 2 * 2
+
+
+def test_fit_with_labels_adds_markers_and_round_trips(counts):
+    labels = counts.obs["cell_type"].astype(str).to_numpy()
+    hvg = DefaultEmbedder(n_genes=10).fit(Cells(counts))
+    both = DefaultEmbedder(n_genes=10).fit(Cells(counts), labels=labels)
+    assert len(hvg.genes) == 10 and set(hvg.genes) < set(both.genes)
+    assert {f"GENE{i}" for i in range(24)} <= set(both.genes)
+    again = embedder_from_config(both.config(), both.arrays())
+    assert again.markers_per_pair == both.markers_per_pair == 25
+    np.testing.assert_array_equal(again.transform(Cells(counts)), both.transform(Cells(counts)))
+
+
+def test_hvg_spec_is_the_label_free_embedder():
+    from spikgpt.embed.base import HVG_ONLY_GENES
+
+    emb = make_embedder("default:log,hvg")  # spikgpt ≤ 0.5
+    assert (emb.values, emb.markers_per_pair, emb.n_genes) == ("log", 0, HVG_ONLY_GENES)
+    assert make_embedder("default").markers_per_pair > 0
+    with pytest.raises(InputError, match="'log' or 'rank'"):
+        make_embedder("default:log,rank")
+    with pytest.raises(InputError, match="markers_per_pair"):
+        DefaultEmbedder(markers_per_pair=-1)
+
+
+def test_row_ranks_match_scipy_rankdata():
+    import scipy.sparse as sp
+    from scipy.stats import rankdata
+
+    from spikgpt.embed.default import row_ranks
+
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(0.8, (50, 30)).astype(np.float32)  # many ties, zeros included
+    dense[3] = 0.0
+    dense[4] = 2.0
+    np.testing.assert_allclose(row_ranks(sp.csr_matrix(dense)), rankdata(dense, axis=1), atol=1e-5)

@@ -7,6 +7,7 @@ from spikgpt.openset.decision import (
     check_fdr,
     decide,
     neglog_pvalues,
+    parse_shift,
     reject,
     shift_correction,
 )
@@ -86,6 +87,17 @@ def test_shift_is_estimated_on_matched_cells_only():
     assert info["location"] > 5  # taken over by the large new group
     corrected, info = shift_correction(L, "scale", matched)
     assert info["location"] < 0.3 and (corrected[300:] > 8).all()
+    # decide() uses the matched cells only when asked to ("MODE@matched")
+    cal = {"a": rng.exponential(size=300)}
+    scores = {"a": np.concatenate([rng.exponential(size=300), rng.exponential(size=700) + 10])}
+    on_all = decide(scores, cal, ("a",), fdr=0.1, shift="scale", null_cells=matched)
+    on_matched = decide(scores, cal, ("a",), fdr=0.1, shift="scale@matched", null_cells=matched)
+    assert on_all.shift["location"] > 5 and on_matched.shift["location"] < 0.5
+    assert on_matched.unknown[300:].mean() > 0.9 > 0.1 > on_all.unknown[300:].mean()
+    assert parse_shift("gated@matched") == ("gated", True) and parse_shift("none") == ("none", False)
+    for bad in ("scale@all", "median", "scale@"):
+        with pytest.raises(ValueError, match="@matched"):
+            parse_shift(bad)
 
 
 def test_calibration_statistic_and_errors():

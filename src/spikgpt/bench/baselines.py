@@ -30,6 +30,8 @@ class Peer:
 
     pins: tuple[str, ...]  # what its environment installs
     rejection: str  # how its own Unknown is made, for the tables
+    runner: str = ""  # runner script and environment, when another peer's (default: the peer's name)
+    options: tuple[str, ...] = ()  # passed to the runner after the common arguments
 
 
 #: CellTypist 1.7.1 breaks on scikit-learn >= 1.8; the ``singler`` bindings bring the BiocPy stack
@@ -42,7 +44,18 @@ PEERS: dict[str, Peer] = {
         "SingleR: R's `pruneScores` default (delta below median − 3 MAD of its label)",
     ),
     "symphony": Peer(("symphonypy==0.2.4",), "Symphony: none (its mapping distance is scored for AUROC only)"),
+    "celltypist_majority": Peer(
+        ("celltypist==1.7.1", "scikit-learn<1.8"),
+        "CellTypist with majority voting: `prob match` at p < 0.5, then the majority of each over-cluster",
+        runner="celltypist",
+        options=("majority",),
+    ),
 }
+
+
+def peer_runner(peer: str) -> str:
+    """The runner script (``<name>_runner.py``) and environment name of ``peer``."""
+    return PEERS[peer].runner or peer
 
 
 @dataclass
@@ -96,7 +109,7 @@ def run_peer(
     after the peer's own rejection and a confidence per cell.
     """
     py = peer_python(peer, venv)
-    runner = Path(__file__).with_name(f"{peer}_runner.py")
+    runner = Path(__file__).with_name(f"{peer_runner(peer)}_runner.py")
     with tempfile.TemporaryDirectory() as tmp:
         r, q, out = Path(tmp) / "ref.h5ad", Path(tmp) / "query.h5ad", Path(tmp) / "pred.csv"
         keep = [label_key]
@@ -104,7 +117,17 @@ def run_peer(
         ad.AnnData(query.X, obs=pd.DataFrame(index=query.obs_names), var=query.var[[]], raw=query.raw).write_h5ad(q)
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(
-            [str(py), str(runner), str(r), str(q), label_key, str(out), str(int(use_raw)), str(seed)],
+            [
+                str(py),
+                str(runner),
+                str(r),
+                str(q),
+                label_key,
+                str(out),
+                str(int(use_raw)),
+                str(seed),
+                *PEERS[peer].options,
+            ],
             capture_output=True,
             text=True,
             env=env,

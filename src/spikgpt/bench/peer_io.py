@@ -40,14 +40,15 @@ class PeerJob:
     labels: np.ndarray  # reference labels as strings
     out: str
     seed: int
+    options: tuple[str, ...] = ()  # the peer's own options (``Peer.options``)
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> "PeerJob":
-        """``REF.h5ad QUERY.h5ad LABEL_KEY OUT.csv USE_RAW(0|1) SEED``."""
+        """``REF.h5ad QUERY.h5ad LABEL_KEY OUT.csv USE_RAW(0|1) SEED [OPTION ...]``."""
         ref_path, query_path, label_key, out, use_raw, seed = argv[:6]
         ref = log1p_cp10k(ad.read_h5ad(ref_path), use_raw == "1")
         query = log1p_cp10k(ad.read_h5ad(query_path), use_raw == "1")
-        return cls(ref, query, ref.obs[label_key].astype(str).to_numpy(), out, int(seed))
+        return cls(ref, query, ref.obs[label_key].astype(str).to_numpy(), out, int(seed), tuple(argv[6:]))
 
     def write(self, raw_label, label, confidence, train_seconds: float, predict_seconds: float) -> None:
         """The per-cell CSV :func:`run_peer` reads, and one JSON line of timings on stdout."""

@@ -19,7 +19,7 @@ from sklearn.metrics import f1_score
 from spikgpt import __version__
 from spikgpt.api import annotate, train
 from spikgpt.bench import figures, metrics
-from spikgpt.bench.baselines import PEERS, MethodResult, embedding_baselines, run_peer
+from spikgpt.bench.baselines import PEERS, MethodResult, embedding_baselines, peer_runner, run_peer
 from spikgpt.bench.metrics import closed_set
 from spikgpt.bench.openset import leave_one_type_out, score_aurocs
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS, Task
@@ -156,7 +156,13 @@ def run_task(
             for peer in peers:
                 try:
                     results[peer] = run_peer(
-                        peer, ref, query, task.label_key, use_raw=task.use_raw, seed=seed, venv=Path(venv_prefix + peer)
+                        peer,
+                        ref,
+                        query,
+                        task.label_key,
+                        use_raw=task.use_raw,
+                        seed=seed,
+                        venv=Path(venv_prefix + peer_runner(peer)),
                     )
                 except (RuntimeError, OSError) as err:
                     logger.warning("%s skipped on %s: %s", peer, name, err)

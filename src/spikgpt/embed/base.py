@@ -22,8 +22,8 @@ class Embedder(ABC):
     kind: ClassVar[str]
 
     @abstractmethod
-    def fit(self, cells: Cells, *, seed: int = 0) -> Embedder:
-        """Fit on reference cells; returns self."""
+    def fit(self, cells: Cells, *, seed: int = 0, labels: np.ndarray | None = None) -> Embedder:
+        """Fit on reference cells (``labels``: their cell types, for embedders that use them); returns self."""
 
     @abstractmethod
     def transform(self, cells: Cells) -> np.ndarray:
@@ -69,13 +69,19 @@ def _registry() -> dict[str, type[Embedder]]:
     return {cls.kind: cls for cls in (DefaultEmbedder, ObsmEmbedder, ScGPTEmbedder)}
 
 
+#: Highly variable genes of ``default:hvg`` (``default:log,hvg`` is the default embedder of spikgpt ≤ 0.5).
+HVG_ONLY_GENES = 2000
+
+
 def make_embedder(spec: str | Embedder) -> Embedder:
     """Build an unfitted embedder from a spec string.
 
     Parameters
     ----------
     spec
-        ``"default"`` (``"default:rank"``: per-cell ranks, see
+        ``"default"``, optionally with comma-separated options (``"default:log"``: log
+        expression instead of per-cell ranks; ``"default:hvg"``: 2,000 highly variable genes, no
+        marker genes; ``"default:log,hvg"``: the default of spikgpt ≤ 0.5; see
         :class:`~spikgpt.embed.default.DefaultEmbedder`), ``"obsm:KEY"`` (a precomputed ``obsm``
         embedding) or ``"scgpt:PATH"`` (an official scGPT checkpoint folder); an :class:`Embedder`
         is returned as is.
@@ -96,10 +102,17 @@ def make_embedder(spec: str | Embedder) -> Embedder:
         raise InputError(msg)
     cls = registry[kind]
     if kind == "default":
-        if arg not in ("", "log", "rank"):
-            msg = f"The default embedder takes 'default', 'default:log' or 'default:rank', got {spec!r}."
+        options = set(filter(None, arg.split(",")))
+        if not options <= {"log", "rank", "hvg"} or {"log", "rank"} <= options:
+            msg = (
+                "The default embedder takes 'default' plus optional ':' options, comma-separated: "
+                f"'log' or 'rank', and 'hvg' (e.g. 'default:rank,hvg'); got {spec!r}."
+            )
             raise InputError(msg)
-        return cls(values=arg or "log")
+        values = "log" if "log" in options else "rank"
+        if "hvg" in options:
+            return cls(n_genes=HVG_ONLY_GENES, markers_per_pair=0, values=values)
+        return cls(values=values)
     if not arg:
         msg = f"Embedder {kind!r} needs an argument: '{kind}:...'."
         raise InputError(msg)

@@ -57,7 +57,7 @@ class ObsmEmbedder(Embedder):
             raise InputError(msg)
         return E
 
-    def fit(self, cells: Cells, *, seed: int = 0) -> ObsmEmbedder:  # noqa: D102
+    def fit(self, cells: Cells, *, seed: int = 0, labels: np.ndarray | None = None) -> ObsmEmbedder:  # noqa: D102
         self._dim = self._read(cells).shape[1]
         return self
 

@@ -453,7 +453,7 @@ class ScGPTEmbedder(Embedder):
             raise GeneOverlapError(msg)
         return ids
 
-    def fit(self, cells: Cells, *, seed: int = 0) -> ScGPTEmbedder:
+    def fit(self, cells: Cells, *, seed: int = 0, labels: np.ndarray | None = None) -> ScGPTEmbedder:
         """Nothing to fit (a pretrained model); records the gene column used."""
         self.gene_key = cells.gene_key
         return self

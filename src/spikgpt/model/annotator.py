@@ -206,7 +206,10 @@ class SpikGPTModel:
         use_mapping = self.mapping if mapping is None else mapping
         mapped = self.map_query(E[embedded]) if use_mapping else None
         part = self.classify(E, residual, mapped, names, progress=progress)
-        pvalue, qvalue, unknown, reason, removed = self.decide_unknown(part.scores, part.embedded, names, fdr, shift)
+        matched = None if mapped is None else mapped.matched
+        pvalue, qvalue, unknown, reason, removed = self.decide_unknown(
+            part.scores, part.embedded, names, fdr, shift, matched=matched
+        )
         return Prediction(
             part.embedding,
             part.probs,
@@ -276,10 +279,14 @@ class SpikGPTModel:
         names: tuple[str, ...],
         fdr: float,
         shift: str | None = None,
+        *,
+        matched: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
         """p-values, q-values, Unknown, reason and the global shift removed, over the whole query.
 
-        ``scores`` are the embedded cells' raw novelty scores (:meth:`classify`).
+        ``scores`` are the embedded cells' raw novelty scores (:meth:`classify`); ``matched``
+        (:attr:`~spikgpt.mapping.Mapping.matched`, over all cells or over the embedded ones)
+        marks the cells an ``@matched`` shift is estimated on.
         """
         n = len(embedded)
         pvalue, qvalue = np.zeros(n), np.zeros(n)
@@ -294,6 +301,7 @@ class SpikGPTModel:
                 fdr=fdr,
                 calibration_statistics=self._calibration_statistic(names),
                 shift=self.shift if shift is None else check_shift(shift),
+                null_cells=_on_embedded(matched, embedded),
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown
@@ -460,3 +468,12 @@ class SpikGPTModel:
             )
             raise ModelFormatError(msg) from err
         return model
+
+
+def _on_embedded(matched: np.ndarray | None, embedded: np.ndarray) -> np.ndarray | None:
+    """``matched`` restricted to the embedded cells (it may already be), ``None`` if it fits neither."""
+    if matched is None:
+        return None
+    if len(matched) == len(embedded):
+        return matched[embedded]
+    return matched if len(matched) == embedded.sum() else None

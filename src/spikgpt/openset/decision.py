@@ -147,7 +147,9 @@ def calibration_statistic(calibration: dict[str, np.ndarray], names: tuple[str, 
 SHIFT_MODES = ("none", "location", "quartile", "scale", "gated")
 #: ``"gated"``: "scale", but only for a shift of the known cells' median ``−log p`` above this.
 GATE = 1.0
-#: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py).
+#: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py). ``"MODE@matched"`` (estimated
+#: on the query cells the mapping matched) is an option, not a candidate: matched cells are those
+#: nearest the reference, so the estimate is biased low under a strong shift.
 DEFAULT_SHIFT = "scale"
 _LOG43 = float(np.log(4.0 / 3.0))  # lower quartile of exponential(1)
 
@@ -203,11 +205,12 @@ def decide(
     calibration_statistics
         :func:`calibration_statistic` of the calibration cells, if already computed.
     shift
-        Correct a global shift of the query (step 3 of the module docs): ``"none"``,
-        ``"location"`` or ``"scale"`` (location and scale).
+        Correct a global shift of the query (step 3 of the module docs): one of
+        :data:`SHIFT_MODES` (``"scale"``: location and scale), optionally ``"MODE@matched"``.
     null_cells
-        Query cells with a reference counterpart, on which the shift is estimated (see
-        :func:`shift_correction`); all cells when ``None``.
+        Query cells with a reference counterpart (:attr:`spikgpt.mapping.Mapping.matched`),
+        on which an ``@matched`` shift is estimated (see :func:`shift_correction`); all cells
+        when ``None`` or without ``@matched``.
 
     Returns
     -------
@@ -218,17 +221,29 @@ def decide(
     if calibration_statistics is None:
         calibration_statistics = calibration_statistic(calibration, names)
     L = neglog_pvalues(stat, calibration_statistics)
-    L, info = shift_correction(L, shift, null_cells)
+    mode, on_matched = parse_shift(shift)
+    L, info = shift_correction(L, mode, null_cells if on_matched else None)
     p = np.exp(-L)
     q = bh_qvalues(p)  # ties at p = 0 (beyond float range) are all rejected together, as they should
     return Decision(p, q, (q <= fdr) & (fdr > 0), reason, info)
 
 
-def check_shift(shift: str) -> str:
-    """``shift`` itself; ``ValueError`` unless it is one of :data:`SHIFT_MODES`."""
-    if shift not in SHIFT_MODES:
-        msg = f"shift must be one of {SHIFT_MODES}, got {shift!r}."
+def parse_shift(shift: str) -> tuple[str, bool]:
+    """``(mode, on_matched)`` of a shift setting ``"MODE"`` or ``"MODE@matched"``; ``ValueError`` if invalid.
+
+    ``MODE`` is one of :data:`SHIFT_MODES`; ``@matched`` estimates the shift on the query cells
+    that have a mutual-nearest-neighbour counterpart in the reference (known types).
+    """
+    mode, at, where = shift.partition("@")
+    if mode not in SHIFT_MODES or (at and where != "matched"):
+        msg = f"shift must be one of {SHIFT_MODES}, optionally with '@matched' (e.g. 'scale@matched'), got {shift!r}."
         raise ValueError(msg)
+    return mode, where == "matched"
+
+
+def check_shift(shift: str) -> str:
+    """``shift`` itself; ``ValueError`` unless :func:`parse_shift` accepts it."""
+    parse_shift(shift)
     return shift
 
 
