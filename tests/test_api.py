@@ -45,21 +45,28 @@ def test_key_added_and_fdr_override(trained, counts):
 
 
 def test_cells_with_a_programme_no_reference_type_has_are_unknown():
-    """Cells differing in genes the reference barely varies: the embedding (PCA of the reference)
-    hardly moves, the off-subspace residual does. Measured: 30 % called Unknown at 3 % false
-    Unknown, every call made by the residual."""
+    """Cells differing in genes the reference barely varies: the off-subspace residual sees them.
+
+    The FDR is a promise in expectation over calibration sets: with ~90 calibration cells one
+    model's held-out split can be unlucky (measured, 0.6: seed 0 → 6.4 % false Unknown, FDP
+    0.47; seeds 1–3 → 0.4 %, 0 %, 0 %), so false Unknown is checked over three model seeds.
+    """
     ref = synthetic_counts({"A": 150, "B": 150, "C": 150}, n_genes=400, seed=3)
-    model = spikgpt.train(ref, "cell_type", train_config=FAST, progress=False)
     query = synthetic_counts({"A": 100, "B": 100, "C": 100}, n_genes=400, seed=4)
     X = query.X.toarray()
     X[:20, 300:340] = np.random.default_rng(0).poisson(20.0, (20, 40))
     query.X = sp.csr_matrix(X)
-    out = spikgpt.annotate(query, model, copy=True)
-    called = (out.obs["spikgpt_label"] == UNKNOWN).to_numpy()
-    assert called[:20].mean() >= 0.2 and called[20:].mean() <= 0.05
-    novelty = -np.log(out.obs["spikgpt_pvalue"].to_numpy())
-    assert (novelty[:20, None] > novelty[None, 20:]).mean() >= 0.75  # measured 0.82
-    assert "pca_residual" in set(out.obs["spikgpt_unknown_reason"][called])
+    false_unknown = []
+    for seed in (0, 1, 2):
+        model = spikgpt.train(ref, "cell_type", train_config=FAST, progress=False, seed=seed)
+        out = spikgpt.annotate(query, model, copy=True)
+        called = (out.obs["spikgpt_label"] == UNKNOWN).to_numpy()
+        assert called[:20].mean() >= 0.5  # measured 1.0
+        false_unknown.append(called[20:].mean())
+        novelty = -np.log(out.obs["spikgpt_pvalue"].to_numpy())
+        assert (novelty[:20, None] > novelty[None, 20:]).mean() >= 0.75
+        assert "pca_residual" in set(out.obs["spikgpt_unknown_reason"][called])
+    assert np.mean(false_unknown) <= 0.05, false_unknown  # measured 0.023
 
 
 def test_held_out_type_comes_out_unknown_at_the_fdr():
@@ -108,16 +115,18 @@ def test_batch_shifted_query_keeps_its_labels_and_a_new_type_stays_apart():
     novelty = -np.log10(mapped.obs["spikgpt_pvalue"].clip(lower=1e-300)).to_numpy()
     assert (novelty[~known][:, None] > novelty[known][None, :]).mean() >= 0.8  # the new type stays apart
     assert mapped.uns["spikgpt"]["mapping"]["shift_norm"] > 0
-    # the model's shift correction ("scale") is what runs by default, and "none" turns it off
-    assert mapped.uns["spikgpt"]["shift_correction"] == "scale"
+    # the model's shift correction ("gated") is what runs by default, and "none" turns it off
+    assert mapped.uns["spikgpt"]["shift_correction"] == "gated"
     assert mapped.uns["spikgpt"]["global_shift_removed"]["scale"] > 1  # measured 1.98
     off = spikgpt.annotate(query, model, shift="none", copy=True).uns["spikgpt"]["global_shift_removed"]
     assert off == {"location": 0.0, "scale": 1.0}
-    # estimated on the mapping's matched cells only, the shift comes out smaller: they are the
-    # query cells nearest the reference (why "@matched" is an option, not the default)
+    # estimated on the mapping's matched cells only, the shift comes out no larger: they are the
+    # query cells nearest the reference (why "@matched" is an option, not the default; p-values
+    # on the calibration grid can make the two quantiles equal — tests/openset has the strict case)
+    on_all = spikgpt.annotate(query, model, shift="scale", copy=True).uns["spikgpt"]
     on_matched = spikgpt.annotate(query, model, shift="scale@matched", copy=True).uns["spikgpt"]
     assert on_matched["shift_correction"] == "scale@matched"
-    assert on_matched["global_shift_removed"]["location"] < mapped.uns["spikgpt"]["global_shift_removed"]["location"]
+    assert on_matched["global_shift_removed"]["location"] <= on_all["global_shift_removed"]["location"]
     # a query lacking a type keeps its other labels (those of known types: D's raw label is arbitrary)
     no_c = mapped[truth != "C"].copy()
     again = spikgpt.annotate(query[truth != "C"].copy(), model, copy=True)

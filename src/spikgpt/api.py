@@ -408,7 +408,7 @@ def annotate(
     shift
         Correction of a global shift of the query's p-values (:data:`spikgpt.openset.decision.SHIFT_MODES`,
         optionally ``"MODE@matched"``: estimated on the query cells the mapping matched to
-        reference cells); the model's (``"scale"``) when ``None``. ``"none"`` gives more
+        reference cells); the model's (``"gated"``) when ``None``. ``"none"`` gives more
         power when the query is from the reference's own study and many of its cells are new,
         at the cost of false Unknown under batch shifts.
     key_added

@@ -163,8 +163,8 @@ def annotate(
     shift: Annotated[
         str | None,
         typer.Option(
-            help="Global-shift correction of p-values: scale (default), none (more power within one study), "
-            "location, quartile or gated; MODE@matched estimates it on the query cells the mapping matched to "
+            help="Global-shift correction of p-values: gated (default: scale, when the shift is large), scale, "
+            "none (more power within one study), location or quartile; MODE@matched estimates it on the query cells the mapping matched to "
             "reference cells only."
         ),
     ] = None,

@@ -150,7 +150,7 @@ GATE = 1.0
 #: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py). ``"MODE@matched"`` (estimated
 #: on the query cells the mapping matched) is an option, not a candidate: matched cells are those
 #: nearest the reference, so the estimate is biased low under a strong shift.
-DEFAULT_SHIFT = "scale"
+DEFAULT_SHIFT = "gated"
 _LOG43 = float(np.log(4.0 / 3.0))  # lower quartile of exponential(1)
 
 

@@ -53,7 +53,7 @@ SCORES = (
     "pca_residual",
 )
 #: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py; README "Unknown").
-DEFAULT_COMBINATION = ("knn_embedding", "max_prob", "pca_residual")
+DEFAULT_COMBINATION = ("mahalanobis_embedding", "pca_residual")
 K_NEIGHBOURS = 10
 
 
