@@ -164,8 +164,8 @@ def annotate(
         str | None,
         typer.Option(
             help="Global-shift correction of p-values: gated (default: scale, when the shift is large), scale, "
-            "none (more power within one study), location or quartile; MODE@matched estimates it on the query cells the mapping matched to "
-            "reference cells only."
+            "none (more power within one study), location or quartile; MODE@matched estimates it on the "
+            "query cells the mapping matched to reference cells only."
         ),
     ] = None,
     chunk_size: Annotated[
