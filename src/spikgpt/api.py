@@ -179,7 +179,8 @@ def train(
     label_key
         ``obs`` column with cell types.
     embedder
-        ``"default"`` (built-in HVG + PCA), ``"obsm:KEY"`` or ``"scgpt:PATH"``.
+        ``"default"`` (built-in: marker and variable genes, per-cell ranks, PCA; options in
+        :func:`~spikgpt.embed.make_embedder`), ``"obsm:KEY"`` or ``"scgpt:PATH"``.
     layer, use_raw
         Expression source: ``X`` (default), ``layers[layer]`` or ``raw``. Raw counts and
         log-normalised values are both accepted.

@@ -70,7 +70,11 @@ def train(
     label_key: Annotated[str, typer.Option(help="obs column with cell types.")],
     out: Annotated[Path, typer.Option(help="Model folder to write.")],
     embedder: Annotated[
-        str, typer.Option(help="'default', 'default:rank' (per-cell ranks), 'obsm:KEY' or 'scgpt:PATH'.")
+        str,
+        typer.Option(
+            help="'default' (marker + variable genes, per-cell ranks), 'default:log', 'default:hvg', "
+            "'default:log,hvg' (spikgpt 0.5), 'obsm:KEY' or 'scgpt:PATH'."
+        ),
     ] = "default",
     layer: Layer = None,
     use_raw: UseRaw = False,
