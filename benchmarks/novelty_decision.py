@@ -217,6 +217,7 @@ def main() -> None:
     # (tests/test_api.py, the batch-shift test), against 2 % estimated on all cells.
     candidates = list(product(COMPONENTS, SHIFT_MODES, (False,), (True, False)))
     per = {}  # (candidate) -> dataset -> rows
+    rule = {}  # (candidate) -> (score set, shift mode)
     f1 = {}  # (representation, mapping) -> dataset -> macro-F1
     for label, folder in caches.items():
         scen = load(Path(folder))
@@ -228,15 +229,15 @@ def main() -> None:
             }
         for comp, shift, matched, mapping in candidates:
             key = f"{prefix}{comp}|shift={shift}{'@matched' if matched else ''}|{'mnn' if mapping else 'nomap'}"
-            per[key] = {}
+            per[key], rule[key] = {}, (comp, shift)
             for sc in scen:
                 rows = evaluate(sc, COMPONENTS[comp], shift, matched, mapping, args.fdr, args.draws)
                 for r in rows:
                     r["scenario"] = sc["name"]
                 per[key].setdefault(str(sc["dataset"]), []).extend(rows)
     table = {k: {d: summarise(v[d]) for d in datasets} for k, v in per.items()}
-    checks = synthetic_checks(sorted({(comp, shift) for comp, shift, _, _ in candidates}))
-    admissible = {k: checks[(k.split("|")[-3], k.split("|")[-2].removeprefix("shift="))]["admissible"] for k in per}
+    checks = synthetic_checks(sorted(set(rule.values())))
+    admissible = {k: checks[rule[k]]["admissible"] for k in per}
 
     def choose(train: list[str]) -> tuple[tuple[str, bool], str, float]:
         """Representation and mapping by macro-F1 of known types, then the rule by the objective, on ``train``."""

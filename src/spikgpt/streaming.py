@@ -335,7 +335,7 @@ def annotate_file(
                     names,
                     fdr,
                     shift,
-                    matched=matched,
+                    matched=None if matched is None else matched[acc.embedded],
                 )
                 cols = annotation_columns(
                     model, acc.raw_label, acc.confidence, pvalue, qvalue, unknown, reason, key_added

@@ -140,9 +140,8 @@ class DefaultEmbedder(Embedder):
         if self.values == "log":
             return X.toarray()
         dense = row_ranks(X)
-        if self.values == "rank":
-            dense -= dense.mean(axis=1, keepdims=True)
-            dense /= np.maximum(np.sqrt((dense**2).mean(axis=1, keepdims=True)), 1e-6)
+        dense -= dense.mean(axis=1, keepdims=True)
+        dense /= np.maximum(np.sqrt((dense**2).mean(axis=1, keepdims=True)), 1e-6)
         return dense
 
     @staticmethod
@@ -221,7 +220,7 @@ def row_ranks(X) -> np.ndarray:
     Works on the stored values only: a row's zeros share the average of the lowest ranks, and
     only its positive values are sorted — 10–20× faster than ranking the dense rows.
     """
-    X = sp.csr_matrix(X, dtype=np.float32)
+    X = sp.csr_matrix(X, dtype=np.float32, copy=True)  # the caller's matrix is left as it is
     X.sum_duplicates()
     X.eliminate_zeros()
     n, g = X.shape

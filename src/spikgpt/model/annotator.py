@@ -285,8 +285,8 @@ class SpikGPTModel:
         """p-values, q-values, Unknown, reason and the global shift removed, over the whole query.
 
         ``scores`` are the embedded cells' raw novelty scores (:meth:`classify`); ``matched``
-        (:attr:`~spikgpt.mapping.Mapping.matched`, over all cells or over the embedded ones)
-        marks the cells an ``@matched`` shift is estimated on.
+        (:attr:`~spikgpt.mapping.Mapping.matched`, over the embedded cells) marks the cells an
+        ``@matched`` shift is estimated on.
         """
         n = len(embedded)
         pvalue, qvalue = np.zeros(n), np.zeros(n)
@@ -301,7 +301,7 @@ class SpikGPTModel:
                 fdr=fdr,
                 calibration_statistics=self._calibration_statistic(names),
                 shift=self.shift if shift is None else check_shift(shift),
-                null_cells=_on_embedded(matched, embedded),
+                null_cells=matched,
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown
@@ -468,12 +468,3 @@ class SpikGPTModel:
             )
             raise ModelFormatError(msg) from err
         return model
-
-
-def _on_embedded(matched: np.ndarray | None, embedded: np.ndarray) -> np.ndarray | None:
-    """``matched`` restricted to the embedded cells (it may already be), ``None`` if it fits neither."""
-    if matched is None:
-        return None
-    if len(matched) == len(embedded):
-        return matched[embedded]
-    return matched if len(matched) == embedded.sum() else None
