@@ -2,7 +2,8 @@
 
 Each configuration (``NAME='{"time_steps": 8}'``: fields of :class:`spikgpt.model.NetworkConfig`,
 plus ``"embedder"``: an embedder spec such as ``"default:hvg"`` or a dict of
-:class:`~spikgpt.embed.default.DefaultEmbedder` settings) trains spikgpt on every task of
+:class:`~spikgpt.embed.default.DefaultEmbedder` settings, and ``"train"``: a dict of
+:class:`~spikgpt.model.TrainConfig` settings) trains spikgpt on every task of
 ``spikgpt bench`` (unchanged queries) with seeds 0–2 and scores
 the macro-F1 of the labels before Unknown. Leave-one-dataset-out: for each dataset the configuration with the
 best mean on the other datasets is chosen and scored on it.
@@ -25,12 +26,14 @@ import spikgpt
 from spikgpt.bench.metrics import closed_set
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS
 from spikgpt.embed.default import DefaultEmbedder
+from spikgpt.model import TrainConfig
 
 BENCH = Path(__file__).resolve().parent / "results" / "bench" / "results.json"
 
 
 def run(name: str, config: dict, data_root: Path) -> list[dict]:
-    network = {k: v for k, v in config.items() if k != "embedder"}
+    network = {k: v for k, v in config.items() if k not in ("embedder", "train")}
+    train_config = TrainConfig(**config.get("train", {}))
     embedder = config.get("embedder", "default")
     if isinstance(embedder, dict):  # DefaultEmbedder settings, e.g. {"markers_per_pair": 25}
         embedder = DefaultEmbedder(**embedder)
@@ -39,7 +42,14 @@ def run(name: str, config: dict, data_root: Path) -> list[dict]:
         for seed in (0, 1, 2):
             ref, query = task.load(data_root, seed)
             model = spikgpt.train(
-                ref, task.label_key, seed=seed, progress=False, network=network, embedder=embedder, **task.input_kw
+                ref,
+                task.label_key,
+                seed=seed,
+                progress=False,
+                network=network,
+                embedder=embedder,
+                train_config=train_config,
+                **task.input_kw,
             )
             out = spikgpt.annotate(query, model, copy=True, progress=False, **task.input_kw)
             truth = query.obs[task.label_key].astype(str).to_numpy()

@@ -383,13 +383,20 @@ def bench(
     seeds: Annotated[int, typer.Option(help="Number of seeds (0..n-1).")] = 3,
     peer: Annotated[
         list[str] | None,
-        typer.Option(help="Peer to run (repeatable): celltypist, singler, symphony; all by default (own venvs)."),
+        typer.Option(
+            help="Peer to run (repeatable): celltypist, celltypist_majority, singler, symphony, scanvi; "
+            "all but scanvi by default (each in its own venv)."
+        ),
     ] = None,
     no_peers: Annotated[bool, typer.Option("--no-peers", help="Run no peer (spikgpt, twin, LR and kNN only).")] = False,
     loto: Annotated[bool, typer.Option(help="Leave-one-type-out open-set evaluation.")] = True,
     composition: Annotated[
         bool, typer.Option(help="Also score queries with their largest type removed / kept at 10 %.")
     ] = True,
+    reference_cells: Annotated[
+        int | None,
+        typer.Option(help="Train every method on a seeded, stratified sample of this many reference cells."),
+    ] = None,
     data_root: Annotated[
         Path | None,
         typer.Option(
@@ -401,7 +408,7 @@ def bench(
     quiet: Quiet = False,
 ) -> None:
     """Benchmark spikgpt against its non-spiking twin, LR/kNN on its embedding, CellTypist, SingleR, Symphony."""
-    from spikgpt.bench.baselines import PEERS
+    from spikgpt.bench.baselines import DEFAULT_PEERS
     from spikgpt.bench.run import run_bench
 
     _setup(quiet)
@@ -410,10 +417,11 @@ def bench(
             out,
             tasks=task,
             seeds=list(range(seeds)),
-            peers=() if no_peers else tuple(peer or PEERS),
+            peers=() if no_peers else tuple(peer or DEFAULT_PEERS),
             loto=loto,
             composition=composition,
             data_root=data_root,
+            reference_cells=reference_cells,
         )
     except (ValueError, FileNotFoundError) as err:
         _fail(err)

@@ -87,3 +87,19 @@ def test_query_variants_remove_and_thin_the_largest_known_type():
     assert list(v[" − A"].obs["t"].value_counts().sort_index()) == [20, 30]
     assert v[" A 10%"].obs["t"].value_counts().to_dict() == {"new": 30, "B": 20, "A": 5}
     assert dict(query_variants(q, "t", ["A"], seed=0)).keys() == {""}  # one known type: nothing to shift
+
+
+def test_subsample_reference_is_stratified_seeded_and_keeps_two_cells_of_every_type():
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from spikgpt.bench.tasks import subsample_reference
+
+    labels = ["A"] * 900 + ["B"] * 95 + ["rare"] * 5
+    ref = ad.AnnData(np.zeros((1000, 2)), obs=pd.DataFrame({"t": labels}, index=[f"c{i}" for i in range(1000)]))
+    small = subsample_reference(ref, "t", 100, seed=0)
+    assert small.obs["t"].value_counts().to_dict() == {"A": 90, "B": 10, "rare": 2}
+    assert small.obs_names.equals(subsample_reference(ref, "t", 100, seed=0).obs_names)
+    assert not small.obs_names.equals(subsample_reference(ref, "t", 100, seed=1).obs_names)
+    assert subsample_reference(ref, "t", 5000, seed=0) is ref and ref.n_obs == 1000

@@ -23,3 +23,26 @@ def test_split_holds_out_the_share_and_never_a_rare_type(fraction):
     kept, held = stratified_split(y, fraction, min_cells=5, seed=0)
     assert len(np.intersect1d(kept, held)) == 0 and len(kept) + len(held) == len(y)
     assert len(held) == round(fraction * 150) and not (y[held] == 2).any()
+
+
+def test_weight_averaging_keeps_an_average_that_differs_from_the_raw_weights_and_is_seeded():
+    import torch
+
+    from spikgpt.model.network import NetworkConfig
+    from spikgpt.model.training import TrainConfig, fit_network
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 40)
+    X = (rng.normal(size=(120, 16)) + np.eye(3, 16)[y] * 2).astype(np.float32)
+    net_cfg = NetworkConfig(in_dim=16, n_classes=3)
+    fit = {"seed": 0, "progress": False}
+    raw, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=0), **fit)
+    avg, hist = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=2), **fit)
+    again, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=2), **fit)
+    w = {k: v for k, v in avg.state_dict().items() if v.is_floating_point()}
+    assert w.keys() == {k for k, v in raw.state_dict().items() if v.is_floating_point()}
+    assert any(not torch.equal(v, raw.state_dict()[k]) for k, v in w.items())
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in w.items())
+    with torch.inference_mode():
+        acc = (avg(torch.as_tensor(X)).mean(0).argmax(1).numpy() == y).mean()
+    assert acc > 0.9 and hist["val_loss"][hist["best_epoch"]] == min(hist["val_loss"])

@@ -27,6 +27,17 @@ def test_conformal_pvalues_are_uniform_for_exchangeable_cells_and_tail_goes_belo
     assert far[0] < 1 / 301  # the exponential tail resolves beyond the calibration cells
 
 
+def test_no_tail_is_fitted_to_fewer_than_five_cells():
+    from spikgpt.openset.decision import MIN_TAIL_CELLS
+
+    rng = np.random.default_rng(1)
+    small, enough = rng.gamma(2.0, 1.0, 20), rng.gamma(2.0, 1.0, 21)  # tails of 4 and 5 cells
+    assert MIN_TAIL_CELLS == 5
+    far = np.array([100.0])
+    assert np.exp(-neglog_pvalues(far, small))[0] == pytest.approx(1 / 21)  # plainly conformal
+    assert np.exp(-neglog_pvalues(far, enough))[0] < 1e-6
+
+
 def test_bh_qvalues_match_the_step_up_rule():
     rng = np.random.default_rng(1)
     p = rng.uniform(size=500) ** 2

@@ -32,11 +32,13 @@ class Peer:
     rejection: str  # how its own Unknown is made, for the tables
     runner: str = ""  # runner script and environment, when another peer's (default: the peer's name)
     options: tuple[str, ...] = ()  # passed to the runner after the common arguments
+    default: bool = True  # run when no peer is named (False: minutes per task, run on request)
 
 
 #: CellTypist 1.7.1 breaks on scikit-learn >= 1.8; the ``singler`` bindings bring the BiocPy stack
 #: (biocframe, summarizedexperiment, mattress, knncolle, …; ~400 MB); symphonypy brings scanpy 1.11
-#: and harmonypy (~850 MB with numba).
+#: and harmonypy (~850 MB with numba); scvi-tools 1.4.2 (the last for Python 3.11) brings lightning,
+#: pyro and its own copy of the CPU torch wheel (~1.3 GB).
 PEERS: dict[str, Peer] = {
     "celltypist": Peer(("celltypist==1.7.1", "scikit-learn<1.8"), "CellTypist: `prob match` at p < 0.5 (Unassigned)"),
     "singler": Peer(
@@ -44,6 +46,11 @@ PEERS: dict[str, Peer] = {
         "SingleR: R's `pruneScores` default (delta below median − 3 MAD of its label)",
     ),
     "symphony": Peer(("symphonypy==0.2.4",), "Symphony: none (its mapping distance is scored for AUROC only)"),
+    "scanvi": Peer(
+        ("torch==2.13.0", "scvi-tools==1.4.2"),
+        "scANVI: none (its largest class probability is scored for AUROC only)",
+        default=False,
+    ),
     "celltypist_majority": Peer(
         ("celltypist==1.7.1", "scikit-learn<1.8"),
         "CellTypist with majority voting: `prob match` at p < 0.5, then the majority of each over-cluster",
@@ -51,6 +58,10 @@ PEERS: dict[str, Peer] = {
         options=("majority",),
     ),
 }
+
+
+#: The peers ``spikgpt bench`` runs when none is named.
+DEFAULT_PEERS = tuple(name for name, p in PEERS.items() if p.default)
 
 
 def peer_runner(peer: str) -> str:

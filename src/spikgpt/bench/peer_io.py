@@ -15,39 +15,54 @@ import pandas as pd
 import scipy.sparse as sp
 
 
-def log1p_cp10k(a: ad.AnnData, use_raw: bool) -> ad.AnnData:
-    """Cells × genes (CSR, float32) log1p counts per 10,000 of ``a`` (or ``a.raw``), ``obs`` kept.
+def counts(a: ad.AnnData, use_raw: bool) -> ad.AnnData:
+    """Cells × genes (CSR, float32) counts of ``a`` (or ``a.raw``), ``obs`` kept.
 
-    Log values are turned back into counts first (``expm1``), as the peers expect counts-derived
-    log1p CP10K over all genes.
+    Log values are turned back into counts (``expm1``): depth-normalised values where a dataset
+    ships only those, which count-based peers round (``shared/reference/peers.md``).
     """
     X = sp.csr_matrix(a.raw.X if use_raw else a.X, dtype=np.float32, copy=True)
     names = a.raw.var_names if use_raw else a.var_names
     if not np.all(X.data == np.round(X.data)):
         X.data = np.expm1(X.data)
+    return ad.AnnData(X, obs=a.obs.copy(), var=pd.DataFrame(index=names))
+
+
+def log1p_cp10k(a: ad.AnnData, use_raw: bool) -> ad.AnnData:
+    """Cells × genes (CSR, float32) log1p counts per 10,000 of ``a`` (or ``a.raw``), ``obs`` kept.
+
+    Log values are turned back into counts first (:func:`counts`), as the peers expect
+    counts-derived log1p CP10K over all genes.
+    """
+    c = counts(a, use_raw)
+    X = c.X
     totals = np.asarray(X.sum(axis=1)).ravel()
     X = sp.diags((1e4 / np.maximum(totals, 1e-12)).astype(np.float32)) @ X
     X.data = np.log1p(X.data)
-    return ad.AnnData(X.tocsr(), obs=a.obs.copy(), var=pd.DataFrame(index=names))
+    return ad.AnnData(X.tocsr(), obs=c.obs, var=c.var)
 
 
 @dataclass
 class PeerJob:
     """What :func:`spikgpt.bench.baselines.run_peer` passes a runner on its command line."""
 
-    ref: ad.AnnData  # log1p CP10K, obs with the label column
-    query: ad.AnnData  # log1p CP10K
+    ref: ad.AnnData  # log1p CP10K (or counts, see from_argv), obs with the label column
+    query: ad.AnnData  # the same values as ref
     labels: np.ndarray  # reference labels as strings
     out: str
     seed: int
     options: tuple[str, ...] = ()  # the peer's own options (``Peer.options``)
 
     @classmethod
-    def from_argv(cls, argv: list[str]) -> "PeerJob":
-        """``REF.h5ad QUERY.h5ad LABEL_KEY OUT.csv USE_RAW(0|1) SEED [OPTION ...]``."""
+    def from_argv(cls, argv: list[str], *, values: str = "log1p_cp10k") -> "PeerJob":
+        """``REF.h5ad QUERY.h5ad LABEL_KEY OUT.csv USE_RAW(0|1) SEED [OPTION ...]``.
+
+        ``values``: ``"log1p_cp10k"`` (:func:`log1p_cp10k`) or ``"counts"`` (:func:`counts`).
+        """
         ref_path, query_path, label_key, out, use_raw, seed = argv[:6]
-        ref = log1p_cp10k(ad.read_h5ad(ref_path), use_raw == "1")
-        query = log1p_cp10k(ad.read_h5ad(query_path), use_raw == "1")
+        read = counts if values == "counts" else log1p_cp10k
+        ref = read(ad.read_h5ad(ref_path), use_raw == "1")
+        query = read(ad.read_h5ad(query_path), use_raw == "1")
         return cls(ref, query, ref.obs[label_key].astype(str).to_numpy(), out, int(seed), tuple(argv[6:]))
 
     def write(self, raw_label, label, confidence, train_seconds: float, predict_seconds: float) -> None:

@@ -19,10 +19,10 @@ from sklearn.metrics import f1_score
 from spikgpt import __version__
 from spikgpt.api import annotate, train
 from spikgpt.bench import figures, metrics
-from spikgpt.bench.baselines import PEERS, MethodResult, embedding_baselines, peer_runner, run_peer
+from spikgpt.bench.baselines import DEFAULT_PEERS, PEERS, MethodResult, embedding_baselines, peer_runner, run_peer
 from spikgpt.bench.metrics import closed_set
 from spikgpt.bench.openset import leave_one_type_out, score_aurocs
-from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS, Task
+from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS, Task, subsample_reference
 from spikgpt.openset.novelty import SCORES
 
 logger = logging.getLogger("spikgpt")
@@ -122,10 +122,13 @@ def run_task(
     out: Path,
     venv_prefix: str,
     composition: bool = False,
+    reference_cells: int | None = None,
 ) -> dict[str, dict]:
     """Every method on one task (and, with ``composition``, its query variants), over seeds.
 
-    Models are trained once per seed and annotate every variant of the query. Returns one result
+    Models are trained once per seed and annotate every variant of the query. With
+    ``reference_cells`` every method sees the same seeded, stratified sample of the reference
+    (:func:`~spikgpt.bench.tasks.subsample_reference`). Returns one result
     per variant, keyed by the task name plus the variant's suffix; open-set scores and figures
     come from the unchanged query (figures for the first seed).
     """
@@ -134,6 +137,8 @@ def run_task(
     info: dict[str, dict] = {}
     for seed in seeds:
         ref, full_query = task.load(data_root, seed)
+        if reference_cells:
+            ref = subsample_reference(ref, task.label_key, reference_cells, seed)
         classes = sorted(set(ref.obs[task.label_key].astype(str)))
         spiking, spiking_s = _train_spikgpt(ref, task, seed, spiking=True)
         twin, twin_s = _train_spikgpt(ref, task, seed, spiking=False)
@@ -282,6 +287,10 @@ def markdown(results: dict) -> str:
         f"Hardware: {h['cpu_count']} CPU cores, {h['machine']}, torch {h['torch']} ({h['torch_threads']} threads), "
         f"spikgpt {h['spikgpt']}. Seeds: {results['seeds']}. Total {results['seconds']:.0f} s.",
     ]
+    if results.get("reference_cells"):
+        lines.append(
+            f"Every reference subsampled to {results['reference_cells']} cells (seeded, stratified, per seed)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -290,11 +299,12 @@ def run_bench(
     *,
     tasks: list[str] | None = None,
     seeds: list[int] | None = None,
-    peers: tuple[str, ...] = tuple(PEERS),
+    peers: tuple[str, ...] = DEFAULT_PEERS,
     loto: bool = True,
     composition: bool = True,
     data_root: str | os.PathLike | None = None,
     venv_prefix: str = ".venv-",
+    reference_cells: int | None = None,
 ) -> dict:
     """Run the benchmark and write ``results.json``, ``results.md`` and ``figures/`` into ``out``.
 
@@ -307,9 +317,10 @@ def run_bench(
     seeds
         Seeds to repeat every task with (default 0, 1, 2).
     peers
-        Peers to run, each in its own virtual environment (created on first use):
-        ``"celltypist"`` (1.7.1), ``"singler"`` (the ``singler`` 0.5.0 bindings); see
-        :data:`spikgpt.bench.baselines.PEERS`.
+        Peers to run, each in its own virtual environment (created on first use); by default
+        :data:`~spikgpt.bench.baselines.DEFAULT_PEERS` (CellTypist best match and majority
+        voting, SingleR, Symphony); ``"scanvi"`` (scANVI + scArches, minutes per task) on
+        request. See :data:`spikgpt.bench.baselines.PEERS`.
     loto
         Run leave-one-type-out on :data:`LOTO_TASKS`.
     composition
@@ -319,6 +330,9 @@ def run_bench(
         Folder with the datasets (default: ``shared/data`` beside the repository).
     venv_prefix
         A peer's environment is ``venv_prefix + name`` (``.venv-celltypist``, ``.venv-singler``).
+    reference_cells
+        Train every method on a seeded, stratified sample of this many reference cells (the
+        100–500-cell references of plate-based studies); the whole reference by default.
 
     Returns
     -------
@@ -338,7 +352,7 @@ def run_bench(
     if unknown:
         msg = f"Unknown peer(s) {unknown}; choose from {list(PEERS)}."
         raise ValueError(msg)
-    results: dict = {"tasks": {}, "seeds": seeds}
+    results: dict = {"tasks": {}, "seeds": seeds, "reference_cells": reference_cells}
     for n in names:
         logger.info("Task %s", n)
         results["tasks"].update(
@@ -350,6 +364,7 @@ def run_bench(
                 out=out,
                 venv_prefix=venv_prefix,
                 composition=composition,
+                reference_cells=reference_cells,
             )
         )
     if loto:

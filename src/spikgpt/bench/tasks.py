@@ -84,6 +84,22 @@ class Task:
         return {"use_raw": self.use_raw}
 
 
+def subsample_reference(ref: ad.AnnData, label_key: str, n_cells: int, seed: int) -> ad.AnnData:
+    """A seeded, stratified sample of ``n_cells`` reference cells, as a plate-based study would hold.
+
+    Every type keeps its share of the cells, rounded, and at least 2 (fewer if the reference
+    has fewer): a type that a 96-well plate holds twice is a type users do annotate with.
+    """
+    if n_cells >= ref.n_obs:
+        return ref
+    labels = ref.obs[label_key].astype(str).to_numpy()
+    types, counts = np.unique(labels, return_counts=True)
+    rng = np.random.default_rng(seed)
+    take = np.minimum(counts, np.maximum(2, np.round(counts / counts.sum() * n_cells).astype(int)))
+    rows = [rng.choice(np.flatnonzero(labels == t), k, replace=False) for t, k in zip(types, take, strict=True)]
+    return ref[np.sort(np.concatenate(rows))].copy()
+
+
 def _read(spec: str, root: Path) -> ad.AnnData:
     if spec == "scanpy:pbmc68k_reduced":
         import scanpy as sc

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from spikgpt.model.config import JSONConfig
@@ -49,6 +50,11 @@ class TrainConfig(JSONConfig):
         Stratified share of the training cells held out for early stopping.
     label_smoothing
         Cross-entropy label smoothing.
+    average_epochs
+        Validate and keep an exponential moving average of the weights (and BatchNorm
+        statistics) over about this many epochs instead of the raw weights; 0 keeps the raw
+        weights of the best epoch. 2 was chosen leave-one-dataset-out over {0, 2, 5} (held-out
+        macro-F1 0.868 vs 0.859 without; seed s.d. on mESC 3 → 2 0.013 vs 0.050).
     num_threads
         CPU threads of the training loop. 1 by default: the network is small, so a second
         thread gains little, while with more threads the result depends on the thread count
@@ -69,6 +75,7 @@ class TrainConfig(JSONConfig):
     patience: int = 20
     val_fraction: float = 0.15
     label_smoothing: float = 0.05
+    average_epochs: float = 2.0
     num_threads: int = 1
     device: str | None = None
 
@@ -212,6 +219,11 @@ def _fit(
     epochs = max(1, min(cfg.max_epochs, cfg.max_steps // steps_per_epoch))
 
     net = SpikingTransformer(net_cfg).to(device)
+    ema = None
+    if cfg.average_epochs > 0:
+        decay = 1.0 - 1.0 / max(cfg.average_epochs * steps_per_epoch, 1.0)
+        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    scored = ema.module if ema is not None else net
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
     weights = class_weights(y[tr], net_cfg.n_classes)
@@ -235,10 +247,12 @@ def _fit(
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(net)
             total += loss.item() * len(b)
-        net.eval()
+        scored.eval()
         with torch.inference_mode():
-            logits = torch.cat([net(Xv[s : s + 4096]).mean(0) for s in range(0, len(va), 4096)])
+            logits = torch.cat([scored(Xv[s : s + 4096]).mean(0) for s in range(0, len(va), 4096)])
             vloss = val_loss_fn(logits, yv).item()
             vacc = (logits.argmax(1) == yv).float().mean().item()
         history["train_loss"].append(total / len(tr))
@@ -246,7 +260,7 @@ def _fit(
         history["val_acc"].append(vacc)
         bar.set_postfix(val_loss=f"{vloss:.3f}", val_acc=f"{vacc:.3f}")
         if vloss < best_loss - 1e-4:
-            best, best_loss, stale = copy.deepcopy(net.state_dict()), vloss, 0
+            best, best_loss, stale = copy.deepcopy(scored.state_dict()), vloss, 0
             history["best_epoch"] = epoch
         else:
             stale += 1
