@@ -103,3 +103,12 @@ def test_subsample_reference_is_stratified_seeded_and_keeps_two_cells_of_every_t
     assert small.obs_names.equals(subsample_reference(ref, "t", 100, seed=0).obs_names)
     assert not small.obs_names.equals(subsample_reference(ref, "t", 100, seed=1).obs_names)
     assert subsample_reference(ref, "t", 5000, seed=0) is ref and ref.n_obs == 1000
+
+
+def test_bench_rejects_a_reference_size_below_two(tmp_path):
+    import pytest
+
+    from spikgpt.bench.run import run_bench
+
+    with pytest.raises(ValueError, match="reference-cells"):
+        run_bench(tmp_path, tasks=["pbmc68k_split"], reference_cells=0, peers=())

@@ -137,7 +137,7 @@ def run_task(
     info: dict[str, dict] = {}
     for seed in seeds:
         ref, full_query = task.load(data_root, seed)
-        if reference_cells:
+        if reference_cells is not None:
             ref = subsample_reference(ref, task.label_key, reference_cells, seed)
         classes = sorted(set(ref.obs[task.label_key].astype(str)))
         spiking, spiking_s = _train_spikgpt(ref, task, seed, spiking=True)
@@ -351,6 +351,9 @@ def run_bench(
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         msg = f"Unknown peer(s) {unknown}; choose from {list(PEERS)}."
+        raise ValueError(msg)
+    if reference_cells is not None and reference_cells < 2:
+        msg = f"reference_cells (--reference-cells) must be at least 2 (e.g. 100), got {reference_cells}."
         raise ValueError(msg)
     results: dict = {"tasks": {}, "seeds": seeds, "reference_cells": reference_cells}
     for n in names:
