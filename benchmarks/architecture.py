@@ -2,8 +2,9 @@
 
 Each configuration (``NAME='{"time_steps": 8}'``: fields of :class:`spikgpt.model.NetworkConfig`,
 plus ``"embedder"``: an embedder spec such as ``"default:hvg"`` or a dict of
-:class:`~spikgpt.embed.default.DefaultEmbedder` settings, and ``"train"``: a dict of
-:class:`~spikgpt.model.TrainConfig` settings) trains spikgpt on every task of
+:class:`~spikgpt.embed.default.DefaultEmbedder` settings, ``"train"``: a dict of
+:class:`~spikgpt.model.TrainConfig` settings, and ``"refit"``: :func:`spikgpt.train`'s
+``refit``) trains spikgpt on every task of
 ``spikgpt bench`` (unchanged queries) with seeds 0–2 and scores
 the macro-F1 of the labels before Unknown. Leave-one-dataset-out: for each dataset the configuration with the
 best mean on the other datasets is chosen and scored on it.
@@ -11,6 +12,10 @@ best mean on the other datasets is chosen and scored on it.
 Usage: ``python benchmarks/architecture.py --configs T8='{"time_steps": 8}' D128='{"dim": 128}'
 --out benchmarks/results/architecture``. The rows named ``default`` are those of the committed bench
 run (``benchmarks/results/bench/results.json``), i.e. whatever the defaults were when it ran.
+A configuration named ``default`` given on the command line (e.g. ``default='{"refit": false}'``)
+replaces those rows, which is needed when the committed bench ran other code. With
+``--reference-cells N`` each reference is first subsampled as ``spikgpt bench --reference-cells N``
+does, and a configuration named ``default`` must be given.
 """
 
 from __future__ import annotations
@@ -24,15 +29,19 @@ import numpy as np
 
 import spikgpt
 from spikgpt.bench.metrics import closed_set
-from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS
+from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS, subsample_reference
 from spikgpt.embed.default import DefaultEmbedder
 from spikgpt.model import TrainConfig
 
 BENCH = Path(__file__).resolve().parent / "results" / "bench" / "results.json"
 
 
-def run(name: str, config: dict, data_root: Path) -> list[dict]:
-    network = {k: v for k, v in config.items() if k not in ("embedder", "train")}
+TRAIN_KEYS = ("embedder", "train", "refit")
+
+
+def run(name: str, config: dict, data_root: Path, reference_cells: int | None = None) -> list[dict]:
+    network = {k: v for k, v in config.items() if k not in TRAIN_KEYS}
+    extra = {k: config[k] for k in ("refit",) if k in config}
     train_config = TrainConfig(**config.get("train", {}))
     embedder = config.get("embedder", "default")
     if isinstance(embedder, dict):  # DefaultEmbedder settings, e.g. {"markers_per_pair": 25}
@@ -41,6 +50,8 @@ def run(name: str, config: dict, data_root: Path) -> list[dict]:
     for task_name, task in TASKS.items():
         for seed in (0, 1, 2):
             ref, query = task.load(data_root, seed)
+            if reference_cells:
+                ref = subsample_reference(ref, task.label_key, reference_cells, seed)
             model = spikgpt.train(
                 ref,
                 task.label_key,
@@ -49,6 +60,7 @@ def run(name: str, config: dict, data_root: Path) -> list[dict]:
                 network=network,
                 embedder=embedder,
                 train_config=train_config,
+                **extra,
                 **task.input_kw,
             )
             out = spikgpt.annotate(query, model, copy=True, progress=False, **task.input_kw)
@@ -111,17 +123,19 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", required=True, help="NAME='{\"field\": value}'")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
+    p.add_argument("--reference-cells", type=int, default=None, help="subsample each reference to N cells")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = default_rows()
+    given = {spec.split("=", 1)[0] for spec in args.configs}
+    rows = [] if args.reference_cells or "default" in given else default_rows()
     for spec in args.configs:
         name, network = spec.split("=", 1)
         cached = args.out / f"{name}.json"
         if cached.exists():
             rows += json.loads(cached.read_text())
             continue
-        new = run(name, json.loads(network), args.data_dir)
+        new = run(name, json.loads(network), args.data_dir, args.reference_cells)
         cached.write_text(json.dumps(new, indent=1))
         rows += new
     table = lodo(rows)

@@ -155,6 +155,25 @@ def test_deterministic_given_seed_whatever_the_thread_count(counts):
         assert np.array_equal(v.numpy(), b.network.state_dict()[k].numpy()), k
 
 
+def test_embedder_and_network_do_not_depend_on_the_callers_blas_threads(pbmc):
+    """pbmc68k's PCA on 2 BLAS threads differed from 1 thread by up to 3e-3 before training fixed them."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from spikgpt.model import TrainConfig
+
+    models = []
+    for n in (1, 2):
+        with threadpool_limits(limits=n, user_api="blas"):
+            kw = {"train_config": TrainConfig(max_epochs=2), "progress": False, "refit": False}
+            models.append(spikgpt.train(pbmc, "bulk_labels", use_raw=True, **kw))
+    a, b = models
+    for k, v in a.embedder.arrays().items():
+        assert np.array_equal(v, b.embedder.arrays()[k]), k
+    for k, v in a.network.state_dict().items():
+        assert torch.equal(v, b.network.state_dict()[k]), k
+
+
 def test_label_errors(counts):
     with pytest.raises(InputError, match="Label column 'celltype' not found.*cell_type"):
         spikgpt.train(counts, "celltype")
@@ -222,6 +241,33 @@ def test_cross_fitted_calibration_scores_every_cell_and_the_final_model_sees_the
     history = crossfit.summary["history"]
     assert history["n_train"] + history["n_val"] == 123  # the final model fitted on all cells
     assert held_out.summary["calibration"] == {"n_cells": 24, "folds": 1, "accuracy": pytest.approx(1.0, abs=0.1)}
-    assert held_out.summary["history"]["n_train"] + held_out.summary["history"]["n_val"] == 99
+    first = held_out.summary["calibration_network"]  # then refitted on all 123 cells
+    assert first["n_train"] + first["n_val"] == 99 and held_out.summary["history"]["n_train"] == 123
     with pytest.raises(InputError, match="calibration_folds"):
         spikgpt.train(ref, "cell_type", calibration_folds=0, progress=False)
+
+
+def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_unchanged(counts):
+    query = synthetic_counts({"A": 20, "B": 20, "C": 20, "N": 20}, seed=9)
+    kw = {"train_config": FAST, "progress": False, "seed": 3}
+    refit = spikgpt.train(counts, "cell_type", **kw)
+    held_out = spikgpt.train(counts, "cell_type", refit=False, **kw)
+    history, first = refit.summary["history"], refit.summary["calibration_network"]
+    assert (history["n_train"], history["n_val"]) == (160, 0)  # calibration cells included
+    assert first["n_train"] + first["n_val"] == 128 and history["epochs_run"] == first["best_epoch"] + 1
+    assert held_out.summary["history"]["n_train"] + held_out.summary["history"]["n_val"] == 128
+    assert "calibration_network" not in held_out.summary
+    a = spikgpt.annotate(query, refit, copy=True).obs
+    b = spikgpt.annotate(query, held_out, copy=True).obs
+    # the default novelty scores do not depend on the classifier: same p-values, same Unknown
+    np.testing.assert_array_equal(a["spikgpt_pvalue"], b["spikgpt_pvalue"])
+    assert (a["spikgpt_label"] == "Unknown").equals(b["spikgpt_label"] == "Unknown")
+    assert (a["spikgpt_raw_label"].astype(str) != b["spikgpt_raw_label"].astype(str)).mean() < 0.2
+
+
+def test_without_calibration_every_cell_trains_and_nothing_is_unknown(counts):
+    model = spikgpt.train(counts, "cell_type", train_config=FAST, calibration_fraction=0, progress=False)
+    assert model.novelty is None and model.summary["calibration"] == {"n_cells": 0, "folds": 1}
+    assert model.summary["history"]["n_train"] + model.summary["history"]["n_val"] == 160
+    out = spikgpt.annotate(counts, model, copy=True).obs
+    assert (out["spikgpt_label"] != UNKNOWN).all() and (out["spikgpt_pvalue"] == 1).all()

@@ -92,6 +92,12 @@ def train(
         int,
         typer.Option(help="1: hold --calibration-fraction out to calibrate; k >= 2: cross-fit with k folds."),
     ] = 1,
+    no_refit: Annotated[
+        bool,
+        typer.Option(
+            "--no-refit", help="Keep the classifier trained without the calibration cells (no second training)."
+        ),
+    ] = False,
     min_cells_per_class: Annotated[
         int,
         typer.Option(help="Types with fewer cells train on all their cells (none held out to calibrate).", min=2),
@@ -124,6 +130,7 @@ def train(
             mapping=not no_mapping,
             calibration_fraction=calibration_fraction,
             calibration_folds=calibration_folds,
+            refit=not no_refit,
             min_cells_per_class=min_cells_per_class,
             seed=seed,
             progress=not quiet,

@@ -46,3 +46,21 @@ def test_weight_averaging_keeps_an_average_that_differs_from_the_raw_weights_and
     with torch.inference_mode():
         acc = (avg(torch.as_tensor(X)).mean(0).argmax(1).numpy() == y).mean()
     assert acc > 0.9 and hist["val_loss"][hist["best_epoch"]] == min(hist["val_loss"])
+
+
+def test_without_validation_cells_the_whole_schedule_runs_and_its_final_weights_are_kept():
+    from spikgpt.model.network import NetworkConfig
+    from spikgpt.model.training import TrainConfig, fit_network
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 30)
+    X = (rng.normal(size=(90, 16)) + np.eye(3, 16)[y] * 2).astype(np.float32)
+    cfg = TrainConfig(max_epochs=40, patience=2, val_fraction=0.0)
+    net, hist = fit_network(X, y, NetworkConfig(in_dim=16, n_classes=3), cfg, seed=0, progress=False)
+    # patience cannot stop a run that has nothing to validate on
+    assert hist["epochs_run"] == 40 and hist["best_epoch"] == 39
+    assert hist["n_train"] == 90 and hist["n_val"] == 0 and hist["val_loss"] == []
+    import torch
+
+    with torch.inference_mode():
+        assert (net(torch.as_tensor(X)).mean(0).argmax(1).numpy() == y).mean() > 0.9

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
+from threadpoolctl import threadpool_limits
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -55,6 +56,9 @@ class TrainConfig(JSONConfig):
         statistics) over about this many epochs instead of the raw weights; 0 keeps the raw
         weights of the best epoch. 2 was chosen leave-one-dataset-out over {0, 2, 5} (held-out
         macro-F1 0.868 vs 0.859 without; seed s.d. on mESC 3 → 2 0.013 vs 0.050).
+    refit_min_steps
+        Fewest optimiser steps of the refit on every reference cell (:func:`spikgpt.train`'s
+        ``refit``), whatever epoch early stopping chose.
     num_threads
         CPU threads of the training loop. 1 by default: the network is small, so a second
         thread gains little, while with more threads the result depends on the thread count
@@ -76,6 +80,7 @@ class TrainConfig(JSONConfig):
     val_fraction: float = 0.15
     label_smoothing: float = 0.05
     average_epochs: float = 2.0
+    refit_min_steps: int = 0
     num_threads: int = 1
     device: str | None = None
 
@@ -145,6 +150,11 @@ def stratified_folds(y: np.ndarray, k: int, *, min_cells: int, seed: int) -> np.
     return fold
 
 
+def batch_size(n_train: int, cfg: TrainConfig) -> int:
+    """Cells per optimiser step for ``n_train`` training cells (``cfg.batch_size`` or ``clip(n / 8, 32, 256)``)."""
+    return cfg.batch_size or int(np.clip(n_train // 8, 32, 256))
+
+
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, square-root tempered so rare classes are not over-fitted."""
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
@@ -155,16 +165,21 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
 
 @contextmanager
 def cpu_settings(num_threads: int) -> Iterator[None]:
-    """Run with ``num_threads`` torch threads and denormals flushed to zero; restore both after.
+    """Run with ``num_threads`` torch and BLAS threads and denormals flushed to zero; restore after.
 
-    Flushing denormals matters: membrane potentials decay towards 0 geometrically, and
-    arithmetic on denormal floats is many times slower on x86 CPUs.
+    Fixed thread counts make training independent of the machine: a BLAS product summed over
+    another number of threads differs in the last bits, and training amplifies that (measured:
+    pbmc68k at 100 reference cells, macro-F1 0.570 vs 0.609 for one seed with the embedder's
+    PCA on 2 BLAS threads vs 1). Flushing denormals matters for speed: membrane potentials
+    decay towards 0 geometrically, and arithmetic on denormal floats is many times slower on
+    x86 CPUs.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, num_threads))
     flushed = torch.set_flush_denormal(True)
     try:
-        yield
+        with threadpool_limits(limits=max(1, num_threads), user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(threads)
         if flushed:
@@ -209,12 +224,10 @@ def _fit(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tr, va = stratified_split(y, cfg.val_fraction, min_cells=MIN_SPLIT_CELLS, seed=seed)
-    if len(va) == 0:  # nothing splittable (every class tiny): early-stop on the training cells
-        va = tr
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     Xt, yt = torch.as_tensor(X[tr]).to(device), torch.as_tensor(y[tr], dtype=torch.long).to(device)
     Xv, yv = torch.as_tensor(X[va]).to(device), torch.as_tensor(y[va], dtype=torch.long).to(device)
-    bs = cfg.batch_size or int(np.clip(len(tr) // 8, 32, 256))
+    bs = batch_size(len(tr), cfg)
     steps_per_epoch = math.ceil(len(tr) / bs)
     epochs = max(1, min(cfg.max_epochs, cfg.max_steps // steps_per_epoch))
 
@@ -250,12 +263,16 @@ def _fit(
             if ema is not None:
                 ema.update_parameters(net)
             total += loss.item() * len(b)
+        history["train_loss"].append(total / len(tr))
+        if len(va) == 0:  # no validation cells: the whole schedule, its final weights
+            bar.set_postfix(train_loss=f"{history['train_loss'][-1]:.3f}")
+            best, history["best_epoch"] = scored.state_dict(), epoch
+            continue
         scored.eval()
         with torch.inference_mode():
             logits = torch.cat([scored(Xv[s : s + 4096]).mean(0) for s in range(0, len(va), 4096)])
             vloss = val_loss_fn(logits, yv).item()
             vacc = (logits.argmax(1) == yv).float().mean().item()
-        history["train_loss"].append(total / len(tr))
         history["val_loss"].append(vloss)
         history["val_acc"].append(vacc)
         bar.set_postfix(val_loss=f"{vloss:.3f}", val_acc=f"{vacc:.3f}")
@@ -270,11 +287,14 @@ def _fit(
     net.load_state_dict(best)
     net = net.cpu().eval()
     history.update(epochs_run=epoch + 1, batch_size=bs, n_train=len(tr), n_val=len(va))
-    logger.info(
-        "Trained %d epochs (best %d): val loss %.3f, val accuracy %.3f.",
-        epoch + 1,
-        history["best_epoch"] + 1,
-        best_loss,
-        history["val_acc"][history["best_epoch"]],
-    )
+    if len(va):
+        logger.info(
+            "Trained %d epochs (best %d): val loss %.3f, val accuracy %.3f.",
+            epoch + 1,
+            history["best_epoch"] + 1,
+            best_loss,
+            history["val_acc"][history["best_epoch"]],
+        )
+    else:
+        logger.info("Trained %d epochs without validation cells.", epoch + 1)
     return net, history
