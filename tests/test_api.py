@@ -248,8 +248,10 @@ def test_cross_fitted_calibration_scores_every_cell_and_the_final_model_sees_the
 
 
 def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_unchanged(counts):
+    from dataclasses import replace
+
     query = synthetic_counts({"A": 20, "B": 20, "C": 20, "N": 20}, seed=9)
-    kw = {"train_config": FAST, "progress": False, "seed": 3}
+    kw = {"train_config": replace(FAST, refit_min_steps=0, max_epochs=60), "progress": False, "seed": 3}
     refit = spikgpt.train(counts, "cell_type", **kw)
     held_out = spikgpt.train(counts, "cell_type", refit=False, **kw)
     history, first = refit.summary["history"], refit.summary["calibration_network"]
@@ -263,6 +265,11 @@ def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_u
     np.testing.assert_array_equal(a["spikgpt_pvalue"], b["spikgpt_pvalue"])
     assert (a["spikgpt_label"] == "Unknown").equals(b["spikgpt_label"] == "Unknown")
     assert (a["spikgpt_raw_label"].astype(str) != b["spikgpt_raw_label"].astype(str)).mean() < 0.2
+    # at least refit_min_steps optimiser steps (5 per epoch here), within max_epochs
+    floor = {**kw, "train_config": replace(FAST, refit_min_steps=200, max_epochs=60)}
+    assert spikgpt.train(counts, "cell_type", **floor).summary["history"]["epochs_run"] == 40
+    floor["train_config"] = replace(FAST, refit_min_steps=400, max_epochs=60)
+    assert spikgpt.train(counts, "cell_type", **floor).summary["history"]["epochs_run"] == 60
 
 
 def test_without_calibration_every_cell_trains_and_nothing_is_unknown(counts):

@@ -153,3 +153,18 @@ def test_bench_names_an_unknown_peer_before_running_anything(tmp_path):
     r = runner.invoke(app, ["bench", "--peer", "nope", "--out", str(tmp_path / "b"), "-q"])
     assert r.exit_code != 0 and "Unknown peer(s) ['nope']" in r.output and "symphony" in r.output
     assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_train_options_reach_the_api(pbmc_files, tmp_path, monkeypatch):
+    import spikgpt.api
+
+    seen = {}
+
+    def capture(*_a, **kw):
+        seen.update(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(spikgpt.api, "train", capture)
+    base = ["train", str(pbmc_files / "ref.h5ad"), "--label-key", "bulk_labels", "--out", str(tmp_path / "m"), "-q"]
+    assert runner.invoke(app, base).exit_code != 0 and seen["refit"] is True
+    assert runner.invoke(app, [*base, "--no-refit"]).exit_code != 0 and seen["refit"] is False

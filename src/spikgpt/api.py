@@ -158,7 +158,8 @@ def _refit_network(
     first = model.summary["history"]
     n = int(ok.sum())
     floor = math.ceil(cfg.refit_min_steps / math.ceil(n / batch_size(n, cfg)))
-    final = replace(cfg, val_fraction=0.0, max_epochs=max(int(first["best_epoch"]) + 1, floor))
+    epochs = min(cfg.max_epochs, max(int(first["best_epoch"]) + 1, floor))
+    final = replace(cfg, val_fraction=0.0, max_epochs=epochs)
     net, history = fit_network(model.standardise(E[ok]), y[ok], model.network.cfg, final, seed=seed, progress=progress)
     model.network = net
     in_fit = np.zeros(len(y), dtype=bool)
@@ -200,7 +201,8 @@ def train(
     (embedder, scaling, classifier, early stopping, novelty statistics) has seen; query cells get
     conformal p-values against them (:mod:`spikgpt.openset.decision`). By default a stratified
     share ``calibration_fraction`` is held out of training for this; then (``refit``) the
-    classifier alone is trained again on every cell for the epochs early stopping chose, so no
+    classifier alone is trained again on every cell for the epochs early stopping chose (at
+    least ``TrainConfig.refit_min_steps`` optimiser steps), so no
     labelled cell is lost to calibration or validation. With
     ``calibration_folds=k`` the reference is instead cross-fitted: each of k stratified folds is
     scored by a model fitted on the others, and the final model is fitted on every cell (k + 1
@@ -242,10 +244,11 @@ def train(
     refit
         After calibrating on held-out cells, train the classifier again on every reference
         cell (calibration and validation cells included) for the number of epochs early
-        stopping chose; embedder, scaling and the default novelty statistics keep their
-        held-out fit, so the Unknown rule is unchanged. Doubles training time. Chosen
-        leave-one-dataset-out over full-size and 100-cell references (README, "Design
-        decisions"). ``summary["calibration_network"]`` keeps the first network's history.
+        stopping chose, at least ``TrainConfig.refit_min_steps`` optimiser steps. Embedder,
+        scaling and the default novelty statistics keep their held-out fit, so the Unknown
+        rule is unchanged. Doubles training time. Chosen leave-one-dataset-out over full-size
+        and 100-cell references (README, "Design decisions"). ``summary["calibration_network"]``
+        keeps the first network's history.
     novelty
         Default novelty score for ``Unknown`` (see :mod:`spikgpt.openset.novelty`):
         ``"combined"`` or one of its components.

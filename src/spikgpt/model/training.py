@@ -58,7 +58,9 @@ class TrainConfig(JSONConfig):
         macro-F1 0.868 vs 0.859 without; seed s.d. on mESC 3 → 2 0.013 vs 0.050).
     refit_min_steps
         Fewest optimiser steps of the refit on every reference cell (:func:`spikgpt.train`'s
-        ``refit``), whatever epoch early stopping chose.
+        ``refit``), whatever epoch early stopping chose: on a 100-cell reference that epoch
+        comes from ~11 validation cells and can stop a run after ~150 steps. 300 was chosen
+        leave-one-dataset-out over {0, 300, 600} (README, "Design decisions").
     num_threads
         CPU threads of the training loop. 1 by default: the network is small, so a second
         thread gains little, while with more threads the result depends on the thread count
@@ -80,7 +82,7 @@ class TrainConfig(JSONConfig):
     val_fraction: float = 0.15
     label_smoothing: float = 0.05
     average_epochs: float = 2.0
-    refit_min_steps: int = 0
+    refit_min_steps: int = 300
     num_threads: int = 1
     device: str | None = None
 
