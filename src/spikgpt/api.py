@@ -148,7 +148,8 @@ def _refit_network(
 ) -> None:
     """Retrain ``model``'s classifier on every reference cell, calibration and validation cells included.
 
-    It trains for the epochs that early stopping chose for the first network, with no cell held
+    It trains for the epochs that early stopping chose for the first network, but at least
+    ``cfg.refit_min_steps`` optimiser steps and at most ``cfg.max_epochs``, with no cell held
     out. Embedder, scaling and the embedding-space novelty statistics stay those fitted without
     the calibration cells, so the default Unknown rule (which reads only those) is unchanged; the
     latent-space statistics are re-fitted on the new network's outputs of the same cells.
@@ -201,9 +202,8 @@ def train(
     (embedder, scaling, classifier, early stopping, novelty statistics) has seen; query cells get
     conformal p-values against them (:mod:`spikgpt.openset.decision`). By default a stratified
     share ``calibration_fraction`` is held out of training for this; then (``refit``) the
-    classifier alone is trained again on every cell for the epochs early stopping chose (at
-    least ``TrainConfig.refit_min_steps`` optimiser steps), so no
-    labelled cell is lost to calibration or validation. With
+    classifier alone is trained again on every cell, so no labelled cell is lost to
+    calibration or validation. With
     ``calibration_folds=k`` the reference is instead cross-fitted: each of k stratified folds is
     scored by a model fitted on the others, and the final model is fitted on every cell (k + 1
     fittings). Measured on the shared open-set scenarios, cross-fitting gave the refitted model
