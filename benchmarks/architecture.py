@@ -36,12 +36,14 @@ from spikgpt.model import TrainConfig
 BENCH = Path(__file__).resolve().parent / "results" / "bench" / "results.json"
 
 
-TRAIN_KEYS = ("embedder", "train", "refit")
+#: Configuration keys passed to :func:`spikgpt.train` as they are; with these, the keys that are not network fields.
+TRAIN_KWARGS = ("refit",)
+TRAIN_KEYS = ("embedder", "train", *TRAIN_KWARGS)
 
 
 def run(name: str, config: dict, data_root: Path, reference_cells: int | None = None) -> list[dict]:
     network = {k: v for k, v in config.items() if k not in TRAIN_KEYS}
-    extra = {k: config[k] for k in ("refit",) if k in config}
+    extra = {k: config[k] for k in TRAIN_KWARGS if k in config}
     train_config = TrainConfig(**config.get("train", {}))
     embedder = config.get("embedder", "default")
     if isinstance(embedder, dict):  # DefaultEmbedder settings, e.g. {"markers_per_pair": 25}

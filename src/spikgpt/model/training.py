@@ -62,7 +62,8 @@ class TrainConfig(JSONConfig):
         comes from ~11 validation cells and can stop a run after ~150 steps. 300 was chosen
         leave-one-dataset-out over {0, 300, 600} (README, "Design decisions").
     num_threads
-        CPU threads of the training loop. 1 by default: the network is small, so a second
+        CPU threads (torch and BLAS) of training — the embedder's fit as well as the network's
+        (:func:`cpu_settings`). 1 by default: the network is small, so a second
         thread gains little, while with more threads the result depends on the thread count
         (floating-point sums in another order) and training slows down many times over when
         other processes compete for the cores. Raise it for atlas-sized references on a
