@@ -44,6 +44,19 @@ def test_key_added_and_fdr_override(trained, counts):
         spikgpt.annotate(counts, trained, fdr=1.5)
 
 
+def test_false_unknown_decides_each_cell_on_its_pvalue(trained, counts):
+    by_cell = spikgpt.annotate(counts, trained, false_unknown=0.05, copy=True)
+    unknown = by_cell.obs["spikgpt_label"] == UNKNOWN
+    assert (unknown == (by_cell.obs["spikgpt_pvalue"] <= 0.05)).all()
+    uns = by_cell.uns["spikgpt"]
+    assert uns["unknown_rule"] == "false_unknown" and uns["false_unknown"] == 0.05
+    by_fdr = spikgpt.annotate(counts, trained, copy=True)
+    assert by_fdr.uns["spikgpt"]["unknown_rule"] == "fdr" and np.isnan(by_fdr.uns["spikgpt"]["false_unknown"])
+    np.testing.assert_array_equal(by_cell.obs["spikgpt_pvalue"], by_fdr.obs["spikgpt_pvalue"])
+    with pytest.raises(ValueError, match="false_unknown must be in"):
+        spikgpt.annotate(counts, trained, false_unknown=-0.1)
+
+
 def test_cells_with_a_programme_no_reference_type_has_are_unknown():
     """Cells differing in genes the reference barely varies: the off-subspace residual sees them.
 

@@ -57,6 +57,14 @@ def test_train_annotate_round_trip_on_real_data(pbmc_files):
     assert uns["novelty"] == "max_prob" and uns["fdr"] == 0.05 and not uns["mapping"]["applied"]
     r = runner.invoke(app, [*args[:-1], str(d / "out3.h5ad"), "--novelty", "bogus", "-q"])
     assert r.exit_code == 2 and "Unknown novelty score" in r.output
+    # the per-cell rule, through the chunked path the CLI runs
+    r = runner.invoke(app, [*args[:-1], str(d / "out4.h5ad"), "--false-unknown", "0.02", "-q"])
+    assert r.exit_code == 0, r.output
+    per_cell = ad.read_h5ad(d / "out4.h5ad")
+    assert per_cell.uns["spikgpt"]["unknown_rule"] == "false_unknown"
+    called = per_cell.obs["spikgpt_label"] == "Unknown"
+    assert (called == (per_cell.obs["spikgpt_pvalue"] <= 0.02)).all()
+    np.testing.assert_array_equal(per_cell.obs["spikgpt_pvalue"], out.obs["spikgpt_pvalue"])
 
 
 def test_annotate_zarr_in_chunks_matches_h5ad(pbmc_files):
@@ -135,6 +143,7 @@ def test_outputs_and_options_are_checked_before_any_work(pbmc_files, tmp_path, m
         ([*annotate, "--out", str(afile / "o.h5ad")], "not a writable folder"),
         ([*annotate, "--out", str(tmp_path / "o.h5ad")], "does not exist"),
         ([*annotate, "--out", str(tmp_path / "o.h5ad"), "--shift", "bogus"], "shift must be one of"),
+        ([*annotate, "--out", str(tmp_path / "o.h5ad"), "--false-unknown", "2"], "false_unknown must be in"),
     ]
     for args, message in cases:
         r = runner.invoke(app, args)

@@ -32,7 +32,7 @@ from spikgpt.model.training import (
     stratified_folds,
     stratified_split,
 )
-from spikgpt.openset import DEFAULT_FDR, UNKNOWN, check_fdr, reject
+from spikgpt.openset import DEFAULT_FDR, UNKNOWN, check_false_unknown, check_fdr, reject
 from spikgpt.openset.decision import check_shift
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
 from spikgpt.streaming import STREAM_REFERENCE_CELLS, close_store, obs_index, open_store, stored_reference
@@ -414,6 +414,7 @@ def annotate(
     fdr: float | None = None,
     mapping: bool | None = None,
     shift: str | None = None,
+    false_unknown: float | None = None,
     key_added: str = "spikgpt",
     copy: bool = False,
     progress: bool = True,
@@ -434,11 +435,12 @@ def annotate(
     - ``obs["spikgpt_pvalue"]``: novelty p-value (small = unlike every held-out reference
       cell); ``obs["spikgpt_qvalue"]``: its Benjamini–Hochberg adjustment. A cell is
       ``Unknown`` iff ``qvalue <= fdr``, so ``obs["spikgpt_qvalue"] <= 0.05`` re-decides at 5 %
-      without re-running;
+      without re-running (and ``obs["spikgpt_pvalue"] <= 0.01`` as ``false_unknown=0.01`` would);
     - ``obs["spikgpt_unknown_reason"]``: the score that made a cell ``Unknown``
       (``not_embedded`` for cells that could not be embedded), empty otherwise;
     - ``obsm["X_spikgpt_embedding"]``: the (mapped) cell embedding the classifier consumed;
-    - ``uns["spikgpt"]``: FDR, novelty score, mapping shift, global shift removed, settings.
+    - ``uns["spikgpt"]``: FDR (or ``false_unknown``), novelty score, mapping shift, global shift
+      removed, settings.
 
     The query is held in memory; :func:`spikgpt.annotate_file` gives the same results for a
     file or store read in chunks (what ``spikgpt annotate`` runs).
@@ -465,6 +467,12 @@ def annotate(
         reference cells); the model's (``"gated"``) when ``None``. ``"none"`` gives more
         power when the query is from the reference's own study and many of its cells are new,
         at the cost of false Unknown under batch shifts.
+    false_unknown
+        Instead of ``fdr``: the share of known cells you accept to see called ``Unknown`` (e.g.
+        0.01). Every cell is tested on its own at that level (``Unknown`` iff its p-value is at
+        most ``false_unknown``), so a handful of new cells in a large query can be called,
+        which the FDR rule rarely does — but among few new cells most calls may then be known
+        cells. Measured in the README (*Unknown*).
     key_added
         Prefix of the keys written.
     copy
@@ -485,10 +493,14 @@ def annotate(
     model = SpikGPTModel.coerce(model)
     fdr = model.fdr if fdr is None else float(fdr)
     check_fdr(fdr)
+    if false_unknown is not None:
+        check_false_unknown(false_unknown)
     method = novelty or model.novelty_method
     t0 = time.perf_counter()
     cells = Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key)
-    pred = model.predict(cells, novelty=method, fdr=fdr, mapping=mapping, shift=shift, progress=progress)
+    pred = model.predict(
+        cells, novelty=method, fdr=fdr, mapping=mapping, shift=shift, false_unknown=false_unknown, progress=progress
+    )
     cols = annotation_columns(
         model, pred.raw_label, pred.confidence, pred.pvalue, pred.qvalue, pred.unknown, pred.reason, key_added
     )
@@ -506,8 +518,14 @@ def annotate(
         pred.embedded,
         {"layer": layer, "use_raw": use_raw, "gene_key": gene_key},
         time.perf_counter() - t0,
+        false_unknown,
     )
-    logger.info("Annotated %d cells; %d Unknown at FDR %.2f.", adata.n_obs, adata.uns[key_added]["n_unknown"], fdr)
+    logger.info(
+        "Annotated %d cells; %d Unknown %s.",
+        adata.n_obs,
+        adata.uns[key_added]["n_unknown"],
+        rule_text(fdr, false_unknown),
+    )
     warn_if_mostly_unknown(pred.unknown, key_added)
     return adata if (copy or from_path) else None
 
@@ -546,14 +564,17 @@ def annotation_summary(
     embedded: np.ndarray,
     source: dict,
     seconds: float,
+    false_unknown: float | None = None,
 ) -> dict:
-    """The ``uns`` entry :func:`annotate` writes."""
+    """The ``uns`` entry :func:`annotate` writes (``unknown_rule``: ``"fdr"`` or ``"false_unknown"``)."""
     return {
         "spikgpt_version": __version__,
         "embedder": model.embedder.spec,
         "novelty": method,
         "novelty_components": list(score_names(method, model.novelty_components)),
         "fdr": fdr,
+        "unknown_rule": "fdr" if false_unknown is None else "false_unknown",
+        "false_unknown": float("nan") if false_unknown is None else float(false_unknown),
         "mapping": {
             "applied": mapped is not None,
             "shift_norm": 0.0 if mapped is None else mapped.norm,
@@ -567,6 +588,11 @@ def annotation_summary(
         "input": {"layer": source["layer"] or "", "use_raw": source["use_raw"], "gene_key": source["gene_key"] or ""},
         "seconds": round(seconds, 3),
     }
+
+
+def rule_text(fdr: float, false_unknown: float | None) -> str:
+    """How the Unknown calls were decided, for log messages."""
+    return f"at FDR {fdr:.2f}" if false_unknown is None else f"at per-cell false Unknown {false_unknown:.3f}"
 
 
 def warn_if_mostly_unknown(unknown: np.ndarray, key_added: str = "spikgpt") -> None:

@@ -170,6 +170,13 @@ def annotate(
     fdr: Annotated[
         float | None, typer.Option(help="False discovery rate of Unknown calls (default: the model's, 0.1).")
     ] = None,
+    false_unknown: Annotated[
+        float | None,
+        typer.Option(
+            help="Instead of --fdr: the share of known cells you accept to see called Unknown (e.g. 0.01); "
+            "every cell is tested on its own at that level."
+        ),
+    ] = None,
     no_mapping: Annotated[bool, typer.Option("--no-mapping", help="Do not map the query onto the reference.")] = False,
     shift: Annotated[
         str | None,
@@ -201,7 +208,7 @@ def annotate(
     """
     from spikgpt.data import check_output_file, write_atomic
     from spikgpt.model import SpikGPTModel
-    from spikgpt.openset import check_fdr
+    from spikgpt.openset import check_false_unknown, check_fdr
     from spikgpt.openset.decision import check_shift
     from spikgpt.openset.novelty import score_names
     from spikgpt.streaming import annotate_file, check_output_store
@@ -217,11 +224,13 @@ def annotate(
             check_output_file(csv, ".csv", overwrite=overwrite, source=query)
         if shift is not None:
             check_shift(shift)
+        if fdr is not None:
+            check_fdr(fdr)
+        if false_unknown is not None:
+            check_false_unknown(false_unknown)
         loaded = SpikGPTModel.load(model)
         if novelty is not None:
             score_names(novelty, loaded.novelty_components)
-        if fdr is not None:
-            check_fdr(fdr)
         if chunk_size < 1:
             raise ValueError(f"--chunk-size must be at least 1 (got {chunk_size}).")
         client = _dask_client(dask_scheduler) if dask_scheduler else None
@@ -236,6 +245,7 @@ def annotate(
             fdr=fdr,
             mapping=False if no_mapping else None,
             shift=shift,
+            false_unknown=false_unknown,
             chunk_size=chunk_size,
             client=client,
             overwrite=overwrite,

@@ -50,7 +50,7 @@ from spikgpt.errors import InputError
 from spikgpt.mapping import Mapping, query_sample
 from spikgpt.model import SpikGPTModel
 from spikgpt.model.annotator import is_model_folder
-from spikgpt.openset.decision import check_fdr, check_shift
+from spikgpt.openset.decision import check_false_unknown, check_fdr, check_shift
 from spikgpt.openset.novelty import score_names
 
 logger = logging.getLogger(__name__)
@@ -235,6 +235,7 @@ def annotate_file(
     fdr: float | None = None,
     mapping: bool | None = None,
     shift: str | None = None,
+    false_unknown: float | None = None,
     key_added: str = "spikgpt",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     client: Any = None,
@@ -255,7 +256,7 @@ def annotate_file(
         that workers load it themselves; a model object is then saved beside ``out`` first).
     out
         Output of the same format as ``query``: the input plus the annotation.
-    layer, use_raw, gene_key, novelty, fdr, mapping, shift, key_added
+    layer, use_raw, gene_key, novelty, fdr, mapping, shift, false_unknown, key_added
         As in :func:`spikgpt.annotate`.
     chunk_size
         Cells per chunk (memory grows with it; results do not change).
@@ -271,7 +272,7 @@ def annotate_file(
     -------
     The ``obs`` columns written (one row per cell).
     """
-    from spikgpt.api import annotation_columns, annotation_summary, warn_if_mostly_unknown
+    from spikgpt.api import annotation_columns, annotation_summary, rule_text, warn_if_mostly_unknown
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1 (got {chunk_size}).")
@@ -283,6 +284,8 @@ def annotate_file(
     model = SpikGPTModel.coerce(model)
     fdr = model.fdr if fdr is None else float(fdr)
     check_fdr(fdr)
+    if false_unknown is not None:
+        check_false_unknown(false_unknown)
     method = novelty or model.novelty_method
     names = score_names(method, model.novelty_components)
     use_mapping = model.mapping if mapping is None else mapping
@@ -336,6 +339,7 @@ def annotate_file(
                     fdr,
                     shift,
                     matched=None if matched is None else matched[acc.embedded],
+                    false_unknown=false_unknown,
                 )
                 cols = annotation_columns(
                     model, acc.raw_label, acc.confidence, pvalue, qvalue, unknown, reason, key_added
@@ -350,7 +354,17 @@ def annotate_file(
                     del uns[key_added]
                 source = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key}
                 summary = annotation_summary(
-                    model, method, fdr, mapped, shift, removed, unknown, acc.embedded, source, time.perf_counter() - t0
+                    model,
+                    method,
+                    fdr,
+                    mapped,
+                    shift,
+                    removed,
+                    unknown,
+                    acc.embedded,
+                    source,
+                    time.perf_counter() - t0,
+                    false_unknown,
                 )
                 write_elem(uns, key_added, summary)
             finally:
@@ -363,7 +377,13 @@ def annotate_file(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     warn_if_mostly_unknown(unknown, key_added)
-    logger.info("Annotated %d cells in %d chunks; %d Unknown at FDR %.2f.", n, len(bounds), int(unknown.sum()), fdr)
+    logger.info(
+        "Annotated %d cells in %d chunks; %d Unknown %s.",
+        n,
+        len(bounds),
+        int(unknown.sum()),
+        rule_text(fdr, false_unknown),
+    )
     return cols
 
 

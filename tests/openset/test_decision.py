@@ -4,6 +4,7 @@ import pytest
 from spikgpt.openset.decision import (
     bh_qvalues,
     calibration_statistic,
+    check_false_unknown,
     check_fdr,
     decide,
     neglog_pvalues,
@@ -65,6 +66,39 @@ def test_fdr_is_controlled_over_repeated_draws(fdr):
         powers.append(called[450:].mean())
     assert np.mean(fdps) <= fdr * 1.15 + 0.005  # BH: E[FDP] <= fdr · share of known cells
     assert np.mean(powers) > 0.5
+
+
+@pytest.mark.parametrize("level", [0.01, 0.05])
+def test_false_unknown_rate_is_controlled_per_cell_over_repeated_draws(level):
+    """false_unknown=α: the share of known cells called Unknown is ≤ α (marginally over calibration sets)."""
+    rng = np.random.default_rng(6)
+    rates, powers = [], []
+    for _ in range(200):
+        cal = {"a": rng.normal(size=200), "b": rng.exponential(size=200)}
+        known = {"a": rng.normal(size=450), "b": rng.exponential(size=450)}
+        new = {"a": rng.normal(4.0, 1.0, 50), "b": rng.exponential(size=50) + 3.0}
+        q = {k: np.concatenate([known[k], new[k]]) for k in cal}
+        d = decide(q, cal, ("a", "b"), shift="none", false_unknown=level)
+        assert (d.unknown == (d.pvalue <= level)).all()
+        rates.append(d.unknown[:450].mean())
+        powers.append(d.unknown[450:].mean())
+    assert np.mean(rates) <= level * 1.15 + 0.002
+    assert np.mean(rates) >= level * 0.5  # and not needlessly conservative
+    assert np.mean(powers) > 0.5
+
+
+def test_a_few_new_cells_in_a_large_query_per_cell_rule_calls_them_where_fdr_cannot():
+    rng = np.random.default_rng(7)
+    cal = {"a": rng.normal(size=1000)}  # one calibration set: its known-cell rate varies by ~sqrt(α / n)
+    q = {"a": np.concatenate([rng.normal(size=5000), [3.6, 3.8, 4.0]])}  # 3 new cells, moderately far
+    by_fdr = decide(q, cal, ("a",), fdr=0.1, shift="none")
+    by_cell = decide(q, cal, ("a",), fdr=0.1, shift="none", false_unknown=0.01)
+    assert not by_fdr.unknown[-3:].any() and by_cell.unknown[-3:].all()
+    assert by_cell.unknown[:-3].mean() <= 0.02
+    np.testing.assert_array_equal(by_fdr.pvalue, by_cell.pvalue)  # same test, another threshold
+    with pytest.raises(ValueError, match="false_unknown must be in"):
+        decide(q, cal, ("a",), false_unknown=1.0)
+    check_false_unknown(0.0)
 
 
 def test_three_far_cells_are_rejected_and_nothing_else():

@@ -190,6 +190,7 @@ class SpikGPTModel:
         fdr: float | None = None,
         mapping: bool | None = None,
         shift: str | None = None,
+        false_unknown: float | None = None,
         progress: bool = False,
     ) -> Prediction:
         """Embed, map and classify ``cells`` and decide which are Unknown (see :func:`spikgpt.annotate`).
@@ -208,7 +209,7 @@ class SpikGPTModel:
         part = self.classify(E, residual, mapped, names, progress=progress)
         matched = None if mapped is None else mapped.matched
         pvalue, qvalue, unknown, reason, removed = self.decide_unknown(
-            part.scores, part.embedded, names, fdr, shift, matched=matched
+            part.scores, part.embedded, names, fdr, shift, matched=matched, false_unknown=false_unknown
         )
         return Prediction(
             part.embedding,
@@ -281,12 +282,14 @@ class SpikGPTModel:
         shift: str | None = None,
         *,
         matched: np.ndarray | None = None,
+        false_unknown: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
         """p-values, q-values, Unknown, reason and the global shift removed, over the whole query.
 
         ``scores`` are the embedded cells' raw novelty scores (:meth:`classify`); ``matched``
         (:attr:`~spikgpt.mapping.Mapping.matched`, over the embedded cells) marks the cells an
-        ``@matched`` shift is estimated on.
+        ``@matched`` shift is estimated on; ``false_unknown`` tests each cell at that level
+        instead of the query at false discovery rate ``fdr`` (:func:`~spikgpt.openset.decide`).
         """
         n = len(embedded)
         pvalue, qvalue = np.zeros(n), np.zeros(n)
@@ -302,6 +305,7 @@ class SpikGPTModel:
                 calibration_statistics=self._calibration_statistic(names),
                 shift=self.shift if shift is None else check_shift(shift),
                 null_cells=matched,
+                false_unknown=false_unknown,
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown

@@ -26,7 +26,12 @@ rejected while the false discovery rate over the query is held at the level the 
    B cells are left out) also has a raised median, and the correction then removes their
    evidence (81 % of B cells Unknown without it, 0 % with it); ``shift="none"`` is the choice
    for queries from the reference's own study.
-4. **Benjamini–Hochberg** over the query's cells at level ``fdr``.
+4. **Benjamini–Hochberg** over the query's cells at level ``fdr``. Or, when the user sets
+   ``false_unknown`` instead (the share of known cells they accept to lose), every cell is
+   tested at that level on its own: ``Unknown`` iff ``p <= false_unknown``. That bounds the
+   share of known cells called Unknown, not the share of Unknown calls that are known cells:
+   it has far more power for a handful of new cells in a large query, and far more false
+   calls among few true ones.
 
 Guarantee and its limits: under exchangeability of known query cells with the calibration cells
 (no shift), conformal p-values are valid and Benjamini–Hochberg controls the FDR (Bates et al.,
@@ -197,8 +202,9 @@ def decide(
     calibration_statistics: np.ndarray | None = None,
     shift: str = DEFAULT_SHIFT,
     null_cells: np.ndarray | None = None,
+    false_unknown: float | None = None,
 ) -> Decision:
-    """Unknown calls for query cells at false discovery rate ``fdr``.
+    """Unknown calls for query cells at false discovery rate ``fdr`` (or per cell at ``false_unknown``).
 
     Parameters
     ----------
@@ -219,12 +225,17 @@ def decide(
         Query cells with a reference counterpart (:attr:`spikgpt.mapping.Mapping.matched`),
         on which an ``@matched`` shift is estimated (see :func:`shift_correction`); all cells
         when ``None`` or without ``@matched``.
+    false_unknown
+        When set, ``fdr`` is not used: each cell is ``Unknown`` iff its p-value is at most
+        ``false_unknown`` (in [0, 1)), which bounds the share of known cells called Unknown.
 
     Returns
     -------
     :class:`Decision`.
     """
     check_fdr(fdr)
+    if false_unknown is not None:
+        check_false_unknown(false_unknown)
     stat, reason = combined_statistic(scores, calibration, names)
     if calibration_statistics is None:
         calibration_statistics = calibration_statistic(calibration, names)
@@ -233,7 +244,8 @@ def decide(
     L, info = shift_correction(L, mode, null_cells if on_matched else None)
     p = np.exp(-L)
     q = bh_qvalues(p)  # ties at p = 0 (beyond float range) are all rejected together, as they should
-    return Decision(p, q, (q <= fdr) & (fdr > 0), reason, info)
+    unknown = (q <= fdr) & (fdr > 0) if false_unknown is None else (p <= false_unknown) & (false_unknown > 0)
+    return Decision(p, q, unknown, reason, info)
 
 
 def parse_shift(shift: str) -> tuple[str, bool]:
@@ -259,6 +271,16 @@ def check_fdr(fdr: float) -> None:
     """Raise ``ValueError`` unless ``fdr`` is in [0, 1)."""
     if not 0 <= fdr < 1:
         msg = f"fdr must be in [0, 1) (the share of Unknown calls allowed to be known cells, e.g. 0.1), got {fdr}."
+        raise ValueError(msg)
+
+
+def check_false_unknown(level: float) -> None:
+    """Raise ``ValueError`` unless ``level`` is in [0, 1)."""
+    if not 0 <= level < 1:
+        msg = (
+            "false_unknown must be in [0, 1) (the share of known cells allowed to be called Unknown, "
+            f"e.g. 0.01), got {level}."
+        )
         raise ValueError(msg)
 
 
