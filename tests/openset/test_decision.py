@@ -50,16 +50,21 @@ def test_bh_qvalues_match_the_step_up_rule():
         assert (q <= fdr).sum() == expected
 
 
+def exchangeable_draw(rng: np.random.Generator) -> tuple[dict, dict]:
+    """Two scores of 200 calibration cells and of a query: 450 known cells like them, then 50 shifted ones."""
+    cal = {"a": rng.normal(size=200), "b": rng.exponential(size=200)}
+    known = {"a": rng.normal(size=450), "b": rng.exponential(size=450)}
+    new = {"a": rng.normal(4.0, 1.0, 50), "b": rng.exponential(size=50) + 3.0}
+    return cal, {k: np.concatenate([known[k], new[k]]) for k in cal}
+
+
 @pytest.mark.parametrize("fdr", [0.05, 0.1, 0.2])
 def test_fdr_is_controlled_over_repeated_draws(fdr):
     """Known cells exchangeable with the calibration cells, unseen cells shifted: mean FDP <= fdr."""
     rng = np.random.default_rng(2)
     fdps, powers = [], []
     for _ in range(200):
-        cal = {"a": rng.normal(size=200), "b": rng.exponential(size=200)}
-        known = {"a": rng.normal(size=450), "b": rng.exponential(size=450)}
-        new = {"a": rng.normal(4.0, 1.0, 50), "b": rng.exponential(size=50) + 3.0}
-        q = {k: np.concatenate([known[k], new[k]]) for k in cal}
+        cal, q = exchangeable_draw(rng)
         d = decide(q, cal, ("a", "b"), fdr=fdr, shift="none")
         called = d.unknown
         fdps.append(called[:450].sum() / max(called.sum(), 1))
@@ -74,10 +79,7 @@ def test_false_unknown_rate_is_controlled_per_cell_over_repeated_draws(level):
     rng = np.random.default_rng(6)
     rates, powers = [], []
     for _ in range(200):
-        cal = {"a": rng.normal(size=200), "b": rng.exponential(size=200)}
-        known = {"a": rng.normal(size=450), "b": rng.exponential(size=450)}
-        new = {"a": rng.normal(4.0, 1.0, 50), "b": rng.exponential(size=50) + 3.0}
-        q = {k: np.concatenate([known[k], new[k]]) for k in cal}
+        cal, q = exchangeable_draw(rng)
         d = decide(q, cal, ("a", "b"), shift="none", false_unknown=level)
         assert (d.unknown == (d.pvalue <= level)).all()
         rates.append(d.unknown[:450].mean())
