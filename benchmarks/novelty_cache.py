@@ -29,9 +29,6 @@ from sklearn.model_selection import train_test_split
 import spikgpt
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS
 from spikgpt.data import Cells
-from spikgpt.mapping import query_sample
-
-RESIDUAL = ("pca_residual",)
 
 
 def scenarios(data_root: Path):
@@ -77,21 +74,12 @@ def scenarios(data_root: Path):
 
 
 def cache_one(model, query, label_key, input_kw) -> dict:
-    """The query's embedding (before the model's scaling), residual without and with mapping, truth, classes.
-
-    The mapped residual is what ``annotate`` reads with mapping on: the residual less the mean
-    off-subspace vector of the query cells the mapping matched (``SpikGPTModel.map_sample``).
-    """
+    """The query's embedding (before the model's scaling), truth and the model's classes."""
     cells = Cells(query, **input_kw)
     E, residual = model.embedder.embed(cells)
-    rows = query_sample(cells.n_obs)
-    mapped, _ = model.map_sample(cells if len(rows) == cells.n_obs else cells.subset(rows), cells.n_obs, RESIDUAL)
-    _, mapped_residual = model.embed(cells, RESIDUAL, mapped)
-    zeros = np.zeros(len(E))
     return {
         "q_embedding": E.astype(np.float32),
-        "q_residual": (zeros if residual is None else residual).astype(np.float32),
-        "q_residual_mapped": (zeros if mapped_residual is None else mapped_residual).astype(np.float32),
+        "q_residual": (np.zeros(len(E)) if residual is None else residual).astype(np.float32),
         "q_truth": np.asarray(query.obs[label_key].astype(str).to_numpy(), dtype=str),
         "classes": np.asarray(model.classes, dtype=str),
     }

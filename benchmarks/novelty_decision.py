@@ -70,10 +70,7 @@ def load(cache: Path) -> list[dict]:
                 m = estimate_mapping(model.standardise(EE), model.novelty.state["ref_embedding"])
                 EE = EE - m.shift * model.input_std
             o = model.outputs(EE)
-            # with mapping, the residual annotate reads: less the matched cells' off-subspace mean
-            # (caches before 0.9 have only the unmapped one)
-            key = "q_residual_mapped" if mapping and "q_residual_mapped" in sc else "q_residual"
-            o.residual = sc[key][ok]
+            o.residual = sc["q_residual"][ok]
             pred = np.asarray(model.classes)[o.probs.argmax(axis=1)]
             sc["mapped"][mapping] = {
                 **{f"q_{n}": v for n, v in model.novelty.raw_scores(o).items()},

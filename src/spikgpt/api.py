@@ -579,7 +579,6 @@ def annotation_summary(
             "applied": mapped is not None,
             "shift_norm": 0.0 if mapped is None else mapped.norm,
             "mutual_pairs": 0 if mapped is None else mapped.n_pairs,
-            "residual_offset": 0.0 if mapped is None else mapped.residual_offset_size,
         },
         "shift_correction": shift or model.shift,
         "global_shift_removed": removed,

@@ -41,19 +41,11 @@ class Mapping:
     n_pairs: int  # mutual pairs in the last round
     rounds: int
     matched: np.ndarray  # [n] bool: query cells in a mutual pair in the last round (False where not sampled)
-    #: [n_genes] mean off-subspace vector of the matched cells (default embedder; see
-    #: :meth:`spikgpt.model.SpikGPTModel.map_sample`), removed from every query cell's residual.
-    residual_offset: np.ndarray | None = None
 
     @property
     def norm(self) -> float:
         """Length of the shift (standardised-embedding units)."""
         return float(np.linalg.norm(self.shift))
-
-    @property
-    def residual_offset_size(self) -> float:
-        """Mean square of :attr:`residual_offset` per gene (0 without one): the shift off the embedding."""
-        return 0.0 if self.residual_offset is None else float(np.mean(self.residual_offset.astype(np.float64) ** 2))
 
 
 def mutual_pairs(query: np.ndarray, reference: np.ndarray, k: int = K_MUTUAL) -> tuple[np.ndarray, np.ndarray]:

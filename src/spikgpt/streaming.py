@@ -169,7 +169,7 @@ def run_chunk(
         source = QueryStore(store, layer=job.layer, use_raw=job.use_raw, obsm_keys=job.obsm_keys)
     try:
         cells = Cells(source.rows(slice(start, stop)), gene_key=job.gene_key, scale=job.scale)
-        E, residual = model.embed(cells, job.names, job.mapping)
+        E, residual = model.embed(cells, job.names)
     finally:
         if store is not None:
             close_store(store)
@@ -304,8 +304,13 @@ def annotate_file(
             scale = src.scale(gene_key) if isinstance(model.embedder, DefaultEmbedder) else None
             mapped, matched = None, None
             if use_mapping and model.novelty is not None:
-                sample = Cells(src.rows(query_sample(n)), gene_key=gene_key, scale=scale)
-                mapped, matched = model.map_sample(sample, n, names)
+                rows = query_sample(n)
+                sample = Cells(src.rows(rows), gene_key=gene_key, scale=scale)
+                E_s, _ = model.embed(sample, names)
+                ok = np.isfinite(E_s).all(axis=1)
+                mapped = model.map_query(E_s, n_query=n) if ok.all() else model.map_query(E_s[ok])
+                # Positions in the whole query only when the sample was used as drawn.
+                matched = mapped.matched if mapped is not None and ok.all() else None
             job = ChunkJob(str(path), layer, use_raw, gene_key, scale, names, mapped, obsm_keys)
             bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
             if client is None:

@@ -29,20 +29,13 @@ class Embedder(ABC):
     def transform(self, cells: Cells) -> np.ndarray:
         """Embed ``cells``: float32 ``[n_obs, dim]``; NaN rows for cells that cannot be embedded."""
 
-    def residual(self, cells: Cells, offset: np.ndarray | None = None) -> np.ndarray | None:
-        """Per cell, what the embedding cannot represent (``None`` when the embedder has no such measure).
-
-        ``offset``: a query-wide off-subspace vector (:meth:`residual_offset`) removed first.
-        """
+    def residual(self, cells: Cells) -> np.ndarray | None:
+        """Per cell, what the embedding cannot represent (``None`` when the embedder has no such measure)."""
         return None
 
-    def residual_offset(self, cells: Cells) -> np.ndarray | None:
-        """Mean of ``cells``' off-subspace vectors, which :meth:`residual` can remove (``None`` without a residual)."""
-        return None
-
-    def embed(self, cells: Cells, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def embed(self, cells: Cells) -> tuple[np.ndarray, np.ndarray | None]:
         """:meth:`transform` and :meth:`residual` together (one pass where the embedder allows it)."""
-        return self.transform(cells), self.residual(cells, offset)
+        return self.transform(cells), self.residual(cells)
 
     @property
     @abstractmethod

@@ -151,33 +151,21 @@ class DefaultEmbedder(Embedder):
     def transform(self, cells: Cells) -> np.ndarray:  # noqa: D102
         return self._project(cells, residual=False)[0]
 
-    def embed(self, cells: Cells, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # noqa: D102
-        return self._project(cells, residual=True, offset=offset)
+    def embed(self, cells: Cells) -> tuple[np.ndarray, np.ndarray]:  # noqa: D102
+        return self._project(cells, residual=True)
 
-    def residual(self, cells: Cells, offset: np.ndarray | None = None) -> np.ndarray:
+    def residual(self, cells: Cells) -> np.ndarray:
         """Mean squared scaled expression off the reference's principal subspace, per cell.
 
         A new cell type often differs in genes that vary little in the reference, which PCA
         of the reference all but ignores: its embedding then sits among known cells. The part of
         the scaled gene vector that the components do not span sees it (issue-11 signal
-        "outside the embedding"). ``offset`` (:meth:`residual_offset` of the query's cells that
-        have a reference counterpart) is subtracted from every cell's off-subspace vector first:
-        a batch or protocol effect moves known cells off the subspace too, and the mapping, which
-        moves the embedding, cannot remove that part.
+        "outside the embedding").
         """
-        return self._project(cells, residual=True, offset=offset)[1]
+        return self._project(cells, residual=True)[1]
 
-    def residual_offset(self, cells: Cells) -> np.ndarray:
-        """Mean off-subspace vector of ``cells`` (``[n_genes]``; zero for the reference's own cells on average)."""
-        total = np.zeros(len(self.genes), dtype=np.float64)
-        n = 0
-        for Z, E in self._scaled_chunks(cells):
-            total += (Z - E @ self.components).sum(axis=0)
-            n += len(Z)
-        return (total / max(n, 1)).astype(np.float32)
-
-    def _scaled_chunks(self, cells: Cells):
-        """``(Z, E)`` per chunk of cells: scaled values of the embedder's genes and their embedding."""
+    def _project(self, cells: Cells, *, residual: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The embedding and, with ``residual``, the off-subspace residual, in one pass over the cells."""
         if self.components is None:
             msg = "The embedder is not fitted yet."
             raise RuntimeError(msg)
@@ -186,28 +174,15 @@ class DefaultEmbedder(Embedder):
             mean, std = _moments(X) if self.values == "log" else _dense_moments(X, self._values)
         else:
             mean, std = self.mean, self.std
+        out = np.empty((X.shape[0], self.dim), dtype=np.float32)
+        res = np.empty(X.shape[0], dtype=np.float32) if residual else None
         for start in range(0, X.shape[0], CHUNK):
             Z = self._scale(self._values(X[start : start + CHUNK]), mean, std)
             Z[:, ~present] = 0.0
-            yield Z, Z @ self.components.T
-
-    def _project(
-        self, cells: Cells, *, residual: bool, offset: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The embedding and, with ``residual``, the off-subspace residual, in one pass over the cells."""
-        n = cells.n_obs
-        out = np.empty((n, self.dim), dtype=np.float32)
-        res = np.empty(n, dtype=np.float32) if residual else None
-        start = 0
-        for Z, E in self._scaled_chunks(cells):
-            stop = start + len(Z)
-            out[start:stop] = E
+            E = Z @ self.components.T
+            out[start : start + CHUNK] = E
             if res is not None:
-                R = Z - E @ self.components
-                if offset is not None:
-                    R -= offset
-                res[start:stop] = (R**2).mean(axis=1)
-            start = stop
+                res[start : start + CHUNK] = ((Z - E @ self.components) ** 2).mean(axis=1)
         return out, res
 
     def config(self) -> dict:  # noqa: D102

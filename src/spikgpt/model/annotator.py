@@ -24,7 +24,7 @@ from spikgpt import __version__
 from spikgpt.data import Cells, current_umask
 from spikgpt.embed import Embedder, embedder_from_config
 from spikgpt.errors import ModelFormatError
-from spikgpt.mapping import Mapping, estimate_mapping, query_sample
+from spikgpt.mapping import Mapping, estimate_mapping
 from spikgpt.model.network import NetworkConfig, SpikingTransformer
 from spikgpt.model.training import TrainConfig
 from spikgpt.openset.decision import (
@@ -196,28 +196,20 @@ class SpikGPTModel:
         """Embed, map and classify ``cells`` and decide which are Unknown (see :func:`spikgpt.annotate`).
 
         The steps are public so that a query too large for memory can run them chunk by chunk
-        (:mod:`spikgpt.streaming`): :meth:`map_sample` (on the rows
-        :func:`~spikgpt.mapping.query_sample` draws), :meth:`embed`, :meth:`classify` (per cell),
-        :meth:`decide_unknown` (over the whole query).
+        (:mod:`spikgpt.streaming`): :meth:`embed`, :meth:`map_query` (on a sample),
+        :meth:`classify` (per cell), :meth:`decide_unknown` (over the whole query).
         """
         fdr = self.fdr if fdr is None else fdr
         check_fdr(fdr)
         names = score_names(novelty or self.novelty_method, self.novelty_components)
-        mapped, matched = None, None
-        if self.mapping if mapping is None else mapping:
-            rows = query_sample(cells.n_obs)
-            sample = cells if len(rows) == cells.n_obs else cells.subset(rows)
-            mapped, matched = self.map_sample(sample, cells.n_obs, names)
-        E, residual = self.embed(cells, names, mapped)
+        E, residual = self.embed(cells, names)
+        embedded = np.isfinite(E).all(axis=1)
+        use_mapping = self.mapping if mapping is None else mapping
+        mapped = self.map_query(E[embedded]) if use_mapping else None
         part = self.classify(E, residual, mapped, names, progress=progress)
+        matched = None if mapped is None else mapped.matched
         pvalue, qvalue, unknown, reason, removed = self.decide_unknown(
-            part.scores,
-            part.embedded,
-            names,
-            fdr,
-            shift,
-            matched=None if matched is None else matched[part.embedded],
-            false_unknown=false_unknown,
+            part.scores, part.embedded, names, fdr, shift, matched=matched, false_unknown=false_unknown
         )
         return Prediction(
             part.embedding,
@@ -234,39 +226,11 @@ class SpikGPTModel:
             removed,
         )
 
-    def embed(
-        self, cells: Cells, names: tuple[str, ...], mapped: Mapping | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Embedding of ``cells`` and, when the novelty scores ``names`` need it, their residual.
-
-        With ``mapped``, its :attr:`~spikgpt.mapping.Mapping.residual_offset` is removed from the
-        residual (the embedding itself is moved later, by :meth:`classify`).
-        """
+    def embed(self, cells: Cells, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embedding of ``cells`` and, when the novelty scores ``names`` need it, their residual."""
         if "pca_residual" in names:
-            return self.embedder.embed(cells, None if mapped is None else mapped.residual_offset)
+            return self.embedder.embed(cells)
         return self.embedder.transform(cells), None
-
-    def map_sample(
-        self, sample: Cells, n_query: int, names: tuple[str, ...]
-    ) -> tuple[Mapping | None, np.ndarray | None]:
-        """The query → reference mapping from ``sample``, the query's rows ``query_sample(n_query)``.
-
-        When the novelty scores ``names`` read the residual, the mapping also carries the mean
-        off-subspace vector of the sampled cells it matched to reference cells
-        (:attr:`~spikgpt.mapping.Mapping.residual_offset`): the part of a batch or protocol
-        shift the embedding cannot show, removed from every query cell's residual. Returns the
-        mapping and which query cells it matched (``None`` when some sampled cells could not be
-        embedded: positions in the whole query are then unknown).
-        """
-        E = self.embedder.transform(sample)
-        ok = np.isfinite(E).all(axis=1)
-        mapped = self.map_query(E, n_query=n_query) if ok.all() else self.map_query(E[ok])
-        if mapped is None or not ok.all():
-            return mapped, None
-        pairs = mapped.matched[query_sample(n_query)]
-        if "pca_residual" in names and pairs.any():
-            mapped.residual_offset = self.embedder.residual_offset(sample.subset(np.flatnonzero(pairs)))
-        return mapped, mapped.matched
 
     def map_query(self, E: np.ndarray, *, n_query: int | None = None) -> Mapping | None:
         """The query → reference translation from embedded cells ``E`` (``None`` when uncalibrated).
