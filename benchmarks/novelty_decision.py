@@ -136,6 +136,17 @@ def evaluate(
     return rows
 
 
+def rows_by_dataset(scenarios: list[dict], names: tuple[str, ...], shift: str, mapping: bool, **kw) -> dict:
+    """:func:`evaluate` on every scenario (``kw``: its remaining arguments), rows grouped by dataset."""
+    out = {}
+    for sc in scenarios:
+        rows = evaluate(sc, names, shift, mapping, **kw)
+        for r in rows:
+            r["scenario"] = sc["name"]
+        out.setdefault(str(sc["dataset"]), []).extend(rows)
+    return out
+
+
 def summarise(rows: list[dict]) -> dict:
     """Means over rows, each subsample size weighted equally (it has ``--draws`` rows, ``all`` one)."""
     keys = ("auroc", "recall", "false_unknown", "fdr", "macro_f1")
@@ -239,12 +250,8 @@ def main() -> None:
             }
         for comp, shift, mapping in candidates:
             key = f"{prefix}{comp}|shift={shift}|{'mnn' if mapping else 'nomap'}"
-            per[key], rule[key] = {}, (comp, shift)
-            for sc in scen:
-                rows = evaluate(sc, COMPONENTS[comp], shift, mapping, args.fdr, args.draws)
-                for r in rows:
-                    r["scenario"] = sc["name"]
-                per[key].setdefault(str(sc["dataset"]), []).extend(rows)
+            rule[key] = (comp, shift)
+            per[key] = rows_by_dataset(scen, COMPONENTS[comp], shift, mapping, fdr=args.fdr, draws=args.draws)
     table = {k: {d: summarise(v[d]) for d in datasets} for k, v in per.items()}
     checks = synthetic_checks(sorted(set(rule.values())))
     admissible = {k: checks[rule[k]]["admissible"] for k in per}
@@ -273,17 +280,24 @@ def main() -> None:
             },
         }
     mapping, default, _ = choose(datasets)
-    scen_all = scen_by_label[mapping[0]]
     # The per-cell rule is the user's choice of error rate, not a candidate: it is measured with
     # the default's scores, shift correction and mapping, on every dataset (nothing to choose).
-    per_cell = {}
     d_comp, d_shift = rule[default]
-    for level in args.false_unknown:
-        rows = {}
-        for sc in scen_all:
-            for r in evaluate(sc, COMPONENTS[d_comp], d_shift, default.endswith("mnn"), args.fdr, args.draws, level):
-                rows.setdefault(str(sc["dataset"]), []).append(r)
-        per_cell[str(level)] = {d: summarise(v) for d, v in rows.items()}
+    per_cell = {
+        str(level): {
+            d: summarise(v)
+            for d, v in rows_by_dataset(
+                scen_by_label[mapping[0]],
+                COMPONENTS[d_comp],
+                d_shift,
+                mapping[1],
+                fdr=args.fdr,
+                draws=args.draws,
+                false_unknown=level,
+            ).items()
+        }
+        for level in args.false_unknown
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     keep = {default, *(v["chosen"] for v in lodo.values())}
     res = {

@@ -100,8 +100,7 @@ def _fit_pipeline(
     embedder = copy.deepcopy(make_embedder(embedder))
     sample, rows = cells.fitting_sample(MAX_FIT_CELLS, seed)
     embedder.fit(sample, seed=seed, labels=y[rows])
-    E = np.concatenate([embedder.transform(c) for c in cells.chunks()])
-    ok = np.isfinite(E).all(axis=1)
+    E, ok = _reference_embedding(embedder, cells)
     if not ok.all():
         logger.warning("%d reference cells could not be embedded and are left out.", (~ok).sum())
         E, y = E[ok], y[ok]
@@ -122,6 +121,12 @@ def _fit_pipeline(
         summary={"history": {k: v for k, v in history.items() if not isinstance(v, list)}},
     )
     return model, E, y
+
+
+def _reference_embedding(embedder: Embedder, cells) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding of every reference cell, chunk by chunk, and which cells could be embedded."""
+    E = np.concatenate([embedder.transform(c) for c in cells.chunks()])
+    return E, np.isfinite(E).all(axis=1)
 
 
 def _embedded_outputs(model: SpikGPTModel, cells: Cells) -> tuple[CellOutputs, np.ndarray]:
@@ -154,8 +159,7 @@ def _refit_network(
     the calibration cells, so the default Unknown rule (which reads only those) is unchanged; the
     latent-space statistics are re-fitted on the new network's outputs of the same cells.
     """
-    E = np.concatenate([model.embedder.transform(c) for c in cells.chunks()])
-    ok = np.isfinite(E).all(axis=1)
+    E, ok = _reference_embedding(model.embedder, cells)
     first = model.summary["history"]
     n = int(ok.sum())
     floor = math.ceil(cfg.refit_min_steps / math.ceil(n / batch_size(n, cfg)))
