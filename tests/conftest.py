@@ -1,7 +1,15 @@
 from __future__ import annotations
 
+import anndata as ad
 import pytest
 from synthetic import FAST, synthetic_counts
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _pandas_3_strings():
+    """Tests write their inputs as a user of pandas >= 3 must: opting in to anndata's string arrays."""
+    with ad.settings.override(allow_write_nullable_strings=True):
+        yield
 
 
 @pytest.fixture

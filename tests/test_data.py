@@ -2,6 +2,7 @@ import logging
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -105,6 +106,16 @@ def test_atomic_write_refuses_to_clobber(counts, tmp_path):
     write_h5ad_atomic(counts[:5], path, overwrite=True)
     assert ad.read_h5ad(path).n_obs == 5
     assert [p.name for p in tmp_path.iterdir()] == ["a.h5ad"]  # no temp files left
+
+
+def test_atomic_write_takes_pandas_3_strings(counts, tmp_path):
+    """pandas >= 3 keeps text in string arrays, which anndata writes only when asked to."""
+    labels = counts.obs["cell_type"].astype(str).to_list()
+    with pd.option_context("future.infer_string", True), ad.settings.override(allow_write_nullable_strings=False):
+        a = ad.AnnData(counts.X, obs=pd.DataFrame({"label": labels}, index=[f"c{i}" for i in range(counts.n_obs)]))
+        assert isinstance(a.obs["label"].dtype, pd.StringDtype)
+        write_h5ad_atomic(a, tmp_path / "s.h5ad", overwrite=False)
+    assert ad.read_h5ad(tmp_path / "s.h5ad").obs["label"].astype(str).to_list() == labels
 
 
 def _cp10k(counts):

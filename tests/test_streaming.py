@@ -57,6 +57,19 @@ def test_chunks_equal_memory_and_input_untouched(trained, tmp_path, monkeypatch,
     )
 
 
+def test_pandas_3_strings_are_written(trained, tmp_path):
+    """With pandas >= 3 text columns are string arrays: the annotated copy must still be written."""
+    query = synthetic_counts({"A": 30, "B": 30}, seed=7)
+    src = tmp_path / "q.h5ad"
+    with pd.option_context("future.infer_string", True):
+        query.obs = pd.DataFrame({"donor": ["d1"] * query.n_obs}, index=[f"c{i}" for i in range(query.n_obs)])
+        query.write_h5ad(src)
+        with ad.settings.override(allow_write_nullable_strings=False):
+            annotate_file(src, trained, tmp_path / "out.h5ad", chunk_size=25, progress=False)
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.obs["spikgpt_raw_label"].isin(["A", "B", "C"]).mean() > 0.9 and (out.obs["donor"] == "d1").all()
+
+
 def test_raw_source_on_real_data(pbmc, pbmc_model, tmp_path):
     src = tmp_path / "pbmc.h5ad"
     pbmc.write_h5ad(src)

@@ -165,7 +165,18 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike, *, overwrite: 
     -------
     The destination path.
     """
-    return write_atomic(path, adata.write_h5ad, overwrite=overwrite, suffix=".h5ad")
+    with nullable_strings():
+        return write_atomic(path, adata.write_h5ad, overwrite=overwrite, suffix=".h5ad")
+
+
+def nullable_strings():
+    """Context in which anndata writes pandas' string arrays.
+
+    From pandas 3 strings are stored as ``StringArray`` / ``ArrowStringArray`` (the names, labels
+    and every ``obs`` column of text), which anndata writes only when asked (anndata < 0.11 cannot
+    read them; spikgpt needs ≥ 0.12). Without it, writing a result fails on pandas 3.
+    """
+    return ad.settings.override(allow_write_nullable_strings=True)
 
 
 def gene_names(adata: ad.AnnData, gene_key: str | None = None, *, use_raw: bool = False) -> np.ndarray:

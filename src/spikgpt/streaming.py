@@ -43,7 +43,7 @@ import zarr
 from anndata.io import read_elem, sparse_dataset, write_elem
 from tqdm.auto import tqdm
 
-from spikgpt.data import SCALE_SAMPLE_CELLS, Cells, check_input_file, check_output_file, current_umask
+from spikgpt.data import SCALE_SAMPLE_CELLS, Cells, check_input_file, check_output_file, current_umask, nullable_strings
 from spikgpt.embed.default import DefaultEmbedder
 from spikgpt.embed.obsm import ObsmEmbedder
 from spikgpt.errors import InputError
@@ -348,7 +348,8 @@ def annotate_file(
                 obs = read_elem(out_store["obs"])
                 obs = pd.concat([obs.drop(columns=cols.columns, errors="ignore"), cols.set_axis(obs.index)], axis=1)
                 del out_store["obs"]
-                write_elem(out_store, "obs", obs)
+                with nullable_strings():
+                    write_elem(out_store, "obs", obs)
                 uns = out_store["uns"] if "uns" in out_store else out_store.create_group("uns")
                 if key_added in uns:
                     del uns[key_added]
@@ -366,7 +367,8 @@ def annotate_file(
                     time.perf_counter() - t0,
                     false_unknown,
                 )
-                write_elem(uns, key_added, summary)
+                with nullable_strings():
+                    write_elem(uns, key_added, summary)
             finally:
                 close_store(out_store)
             if written.suffix == ".zarr":

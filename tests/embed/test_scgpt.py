@@ -49,12 +49,12 @@ def test_all_cells_match_with_the_reference_rng_protocol(query, expected):
 
 
 def test_model_reproduces_recorded_cls_outputs(details):
-    net = ScGPTEmbedder(CKPT, progress=False).net
+    emb = ScGPTEmbedder(CKPT, progress=False)  # on the GPU when there is one: inputs go to its device
     ids, vals = details["input_gene_ids"], details["input_values"]
     pad_id = 300
     with torch.inference_mode():
-        ids_t = torch.as_tensor(ids)
-        cls = net(ids_t, torch.as_tensor(vals), ids_t == pad_id).numpy()
+        ids_t = torch.as_tensor(ids, device=emb.device)
+        cls = emb.net(ids_t, torch.as_tensor(vals, device=emb.device), ids_t == pad_id).cpu().numpy()
     np.testing.assert_allclose(cls, details["cls_raw"], atol=1e-5)
 
 
@@ -86,9 +86,13 @@ def test_padding_and_batching_do_not_change_outputs(query):
     emb = ScGPTEmbedder(CKPT, seed=3, progress=False)
     tok = Tokenizer(emb.match_genes(query.var_names.to_numpy()), emb.ckpt.cls_id, -2.0, 1200, seed=3)
     tokens = tok(query.X)
+
+    def run(batch):
+        return emb.net(*(x.to(emb.device) for x in batch)).cpu()
+
     with torch.inference_mode():
-        tight = torch.cat([emb.net(*pad_batch([t], emb.ckpt.pad_id, -2.0)) for t in tokens])
-        wide = emb.net(*pad_batch(tokens, emb.ckpt.pad_id, -2.0, width=1200))
+        tight = torch.cat([run(pad_batch([t], emb.ckpt.pad_id, -2.0)) for t in tokens])
+        wide = run(pad_batch(tokens, emb.ckpt.pad_id, -2.0, width=1200))
     torch.testing.assert_close(tight, wide, atol=1e-5, rtol=0)
 
 

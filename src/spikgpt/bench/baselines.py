@@ -18,7 +18,7 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
-from spikgpt.data import Cells
+from spikgpt.data import Cells, nullable_strings
 from spikgpt.model.annotator import SpikGPTModel
 
 logger = logging.getLogger("spikgpt")
@@ -124,8 +124,9 @@ def run_peer(
     with tempfile.TemporaryDirectory() as tmp:
         r, q, out = Path(tmp) / "ref.h5ad", Path(tmp) / "query.h5ad", Path(tmp) / "pred.csv"
         keep = [label_key]
-        ad.AnnData(ref.X, obs=ref.obs[keep], var=ref.var[[]], raw=ref.raw).write_h5ad(r)
-        ad.AnnData(query.X, obs=pd.DataFrame(index=query.obs_names), var=query.var[[]], raw=query.raw).write_h5ad(q)
+        with nullable_strings():
+            ad.AnnData(ref.X, obs=ref.obs[keep], var=ref.var[[]], raw=ref.raw).write_h5ad(r)
+            ad.AnnData(query.X, obs=pd.DataFrame(index=query.obs_names), var=query.var[[]], raw=query.raw).write_h5ad(q)
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(
             [
