@@ -129,9 +129,10 @@ def test_batch_shifted_query_keeps_its_labels_and_a_new_type_stays_apart():
     novelty = -np.log10(mapped.obs["spikgpt_pvalue"].clip(lower=1e-300)).to_numpy()
     assert (novelty[~known][:, None] > novelty[known][None, :]).mean() >= 0.8  # the new type stays apart
     assert mapped.uns["spikgpt"]["mapping"]["shift_norm"] > 0
-    # the model's shift correction ("gated") is what runs by default, and "none" turns it off
-    assert mapped.uns["spikgpt"]["shift_correction"] == "gated"
+    # the model's shift correction ("gated_by_type") is what runs by default, and "none" turns it off
+    assert mapped.uns["spikgpt"]["shift_correction"] == "gated_by_type"
     assert mapped.uns["spikgpt"]["global_shift_removed"]["scale"] > 1  # measured 1.98
+    assert mapped.uns["spikgpt"]["global_shift_removed"]["types_corrected"] >= 3  # A, B, C each on its own
     off = spikgpt.annotate(query, model, shift="none", copy=True).uns["spikgpt"]["global_shift_removed"]
     assert off == {"location": 0.0, "scale": 1.0}
     # estimated on the mapping's matched cells only, the shift comes out no larger: they are the

@@ -444,7 +444,8 @@ def annotate(
       (``not_embedded`` for cells that could not be embedded), empty otherwise;
     - ``obsm["X_spikgpt_embedding"]``: the (mapped) cell embedding the classifier consumed;
     - ``uns["spikgpt"]``: FDR (or ``false_unknown``), novelty score, mapping shift, global shift
-      removed, settings.
+      removed (``global_shift_removed``: location and scale in ``−log p`` units, and how many
+      predicted types were corrected on their own), settings.
 
     The query is held in memory; :func:`spikgpt.annotate_file` gives the same results for a
     file or store read in chunks (what ``spikgpt annotate`` runs).
@@ -468,9 +469,9 @@ def annotate(
     shift
         Correction of a global shift of the query's p-values (:data:`spikgpt.openset.decision.SHIFT_MODES`,
         optionally ``"MODE@matched"``: estimated on the query cells the mapping matched to
-        reference cells); the model's (``"gated"``) when ``None``. ``"none"`` gives more
-        power when the query is from the reference's own study and many of its cells are new,
-        at the cost of false Unknown under batch shifts.
+        reference cells); the model's (``"gated_by_type"`` since 0.10, ``"gated"`` before) when
+        ``None``. ``"none"`` gives more power when the query is from the reference's own study and
+        many of its cells are new, at the cost of false Unknown under batch shifts.
     false_unknown
         Instead of ``fdr``: the share of known cells you accept to see called ``Unknown`` (e.g.
         0.01). Every cell is tested on its own at that level (``Unknown`` iff its p-value is at

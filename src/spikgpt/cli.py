@@ -181,9 +181,10 @@ def annotate(
     shift: Annotated[
         str | None,
         typer.Option(
-            help="Global-shift correction of p-values: gated (default: scale, when the shift is large), scale, "
-            "none (more power within one study), location or quartile; MODE@matched estimates it on the "
-            "query cells the mapping matched to reference cells only."
+            help="Global-shift correction of p-values: gated_by_type (default: scale when the shift is large, "
+            "then each predicted type on its own), gated (the query as a whole only), scale, none (more power "
+            "within one study), location or quartile; MODE@matched estimates it on the query cells the mapping "
+            "matched to reference cells only."
         ),
     ] = None,
     chunk_size: Annotated[

@@ -340,6 +340,7 @@ def annotate_file(
                     shift,
                     matched=None if matched is None else matched[acc.embedded],
                     false_unknown=false_unknown,
+                    labels=acc.raw_label,
                 )
                 cols = annotation_columns(
                     model, acc.raw_label, acc.confidence, pvalue, qvalue, unknown, reason, key_added

@@ -125,6 +125,36 @@ def test_a_query_shifted_as_a_whole_is_not_called_unknown():
     assert d.unknown[-30:].mean() >= 0.9 and d.unknown[:-30].mean() <= 0.05
 
 
+def test_a_shift_that_differs_between_types_is_removed_type_by_type():
+    """Two of three types moved far, with ties at the calibration grid's top (the CellBench seed-3 shape)."""
+    rng = np.random.default_rng(6)
+    types = np.repeat([0, 1, 2], [80, 65, 66])
+    moved = 2.8 + rng.exponential(4.0, len(types)) * (rng.uniform(size=len(types)) > 0.3)
+    L = np.where(types < 2, moved, rng.exponential(1.2, len(types)) + 0.6)
+
+    def unknown(L, mode, groups):
+        corrected, info = shift_correction(L, mode, None, groups)
+        return bh_qvalues(np.exp(-corrected)) <= 0.1, info
+
+    one, info = unknown(L, "gated", types)
+    assert one.mean() > 0.1 and info["location"] > 1  # one correction for the query: the far tails stay
+    by_type, info = unknown(L, "gated_by_type", types)
+    assert by_type.mean() <= 0.02 and info["types_corrected"] == 3
+    assert (unknown(L, "gated_by_type", None)[0] == one).all()  # without types it is "gated"
+    # a far group predicted as a type whose own cells are the majority still stands out
+    with_group, _ = unknown(np.concatenate([L, rng.exponential(size=10) + 60]), "gated_by_type", np.r_[types, [1] * 10])
+    assert with_group[-10:].all() and with_group[:-10].mean() <= 0.02
+    # no shift of the query as a whole: nothing is corrected, a new type that fills its type stays Unknown
+    L = np.concatenate([rng.exponential(size=600), rng.exponential(size=40) + 20])
+    groups = np.r_[[0] * 300, [1] * 300, [2] * 40]
+    by_type, info = unknown(L, "gated_by_type", groups)
+    assert info["types_corrected"] == 0 and by_type[-40:].all() and (by_type == unknown(L, "gated", groups)[0]).all()
+    # decide() passes the predicted types through
+    cal = {"a": rng.exponential(size=300)}
+    d = decide({"a": L}, cal, ("a",), fdr=0.1, shift="gated_by_type", groups=groups)
+    assert d.shift["types_corrected"] == 0 and d.unknown[-40:].all()
+
+
 def test_shift_is_estimated_on_matched_cells_only():
     rng = np.random.default_rng(5)
     L = np.concatenate([rng.exponential(size=300), rng.exponential(size=700) + 10])  # 70 % new, no shift

@@ -209,7 +209,14 @@ class SpikGPTModel:
         part = self.classify(E, residual, mapped, names, progress=progress)
         matched = None if mapped is None else mapped.matched
         pvalue, qvalue, unknown, reason, removed = self.decide_unknown(
-            part.scores, part.embedded, names, fdr, shift, matched=matched, false_unknown=false_unknown
+            part.scores,
+            part.embedded,
+            names,
+            fdr,
+            shift,
+            matched=matched,
+            false_unknown=false_unknown,
+            labels=part.raw_label,
         )
         return Prediction(
             part.embedding,
@@ -283,13 +290,15 @@ class SpikGPTModel:
         *,
         matched: np.ndarray | None = None,
         false_unknown: float | None = None,
+        labels: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
         """p-values, q-values, Unknown, reason and the global shift removed, over the whole query.
 
         ``scores`` are the embedded cells' raw novelty scores (:meth:`classify`); ``matched``
         (:attr:`~spikgpt.mapping.Mapping.matched`, over the embedded cells) marks the cells an
         ``@matched`` shift is estimated on; ``false_unknown`` tests each cell at that level
-        instead of the query at false discovery rate ``fdr`` (:func:`~spikgpt.openset.decide`).
+        instead of the query at false discovery rate ``fdr`` (:func:`~spikgpt.openset.decide`);
+        ``labels`` (the raw label of every cell) lets a shift be corrected type by type.
         """
         n = len(embedded)
         pvalue, qvalue = np.zeros(n), np.zeros(n)
@@ -306,6 +315,7 @@ class SpikGPTModel:
                 shift=self.shift if shift is None else check_shift(shift),
                 null_cells=matched,
                 false_unknown=false_unknown,
+                groups=None if labels is None else np.asarray(labels)[embedded],
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown

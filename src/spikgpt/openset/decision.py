@@ -25,7 +25,12 @@ rejected while the false discovery rate over the query is held at the level the 
    novel. Its price: a query with no shift but many new cells (a third of pbmc68k's query when
    B cells are left out) also has a raised median, and the correction then removes their
    evidence (81 % of B cells Unknown without it, 0 % with it); ``shift="none"`` is the choice
-   for queries from the reference's own study.
+   for queries from the reference's own study. A shift need not be the same for every type (a
+   protocol moves some cell lines off the reference's subspace and not others): with
+   ``"gated_by_type"`` (the default), once the query as a whole is judged shifted, each predicted
+   type of at least ``MIN_TYPE_CELLS`` cells is also re-centred and re-scaled on its own cells,
+   and a cell keeps the smaller of the two. Only then: per type without a global shift, a new
+   type that fills most of the type it is predicted as would pass for that type's shift.
 4. **Benjamini–Hochberg** over the query's cells at level ``fdr``. Or, when the user sets
    ``false_unknown`` instead (the share of known cells they accept to lose), every cell is
    tested at that level on its own: ``Unknown`` iff ``p <= false_unknown``. That bounds the
@@ -157,27 +162,45 @@ def calibration_statistic(calibration: dict[str, np.ndarray], names: tuple[str, 
     return combined_statistic(calibration, calibration, names, grid="loo")[0]
 
 
-SHIFT_MODES = ("none", "location", "quartile", "scale", "gated")
+SHIFT_MODES = ("none", "location", "quartile", "scale", "gated", "gated_by_type")
 #: ``"gated"``: "scale", but only for a shift of the known cells' median ``−log p`` above this.
 GATE = 1.0
+#: ``"gated_by_type"``: fewest cells of a predicted type for a correction of its own.
+MIN_TYPE_CELLS = 10
 #: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py). ``"MODE@matched"`` (estimated
 #: on the query cells the mapping matched) is an option, not a candidate: matched cells are those
 #: nearest the reference, so the estimate is biased low under a strong shift.
-DEFAULT_SHIFT = "gated"
+DEFAULT_SHIFT = "gated_by_type"
 _LOG43 = float(np.log(4.0 / 3.0))  # lower quartile of exponential(1)
 
 
 def shift_correction(
-    neglog_p: np.ndarray, mode: str = "scale", null_cells: np.ndarray | None = None
+    neglog_p: np.ndarray,
+    mode: str = "scale",
+    null_cells: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Re-centre (``"location"``) and re-scale (``"scale"``) ``−log p`` when the query's lower half is shifted.
 
     With ``null_cells`` (a boolean mask of query cells known to have a reference counterpart,
     e.g. :attr:`spikgpt.mapping.Mapping.matched`) the shift is estimated on them alone, so a
-    large group of new cells does not pass for a shift.
+    large group of new cells does not pass for a shift. ``groups`` (the predicted type of every
+    cell) is what ``"gated_by_type"`` corrects type by type once ``"gated"`` has found a shift;
+    without it ``"gated_by_type"`` is ``"gated"``.
     """
     L = np.asarray(neglog_p, dtype=np.float64)
     none = {"location": 0.0, "scale": 1.0}
+    if mode == "gated_by_type":
+        corrected, info = shift_correction(L, "gated", null_cells)
+        if info["location"] == 0 or groups is None:
+            return corrected, {**info, "types_corrected": 0}
+        groups, n_types = np.asarray(groups), 0
+        for g in np.unique(groups):
+            own = groups == g
+            if own.sum() >= MIN_TYPE_CELLS:
+                corrected[own] = np.minimum(corrected[own], shift_correction(L[own], "scale")[0])
+                n_types += 1
+        return corrected, {**info, "types_corrected": n_types}
     ref = L if null_cells is None or null_cells.sum() < 10 else L[null_cells]
     if mode == "none" or len(ref) < 10:
         return L, none
@@ -203,6 +226,7 @@ def decide(
     shift: str = DEFAULT_SHIFT,
     null_cells: np.ndarray | None = None,
     false_unknown: float | None = None,
+    groups: np.ndarray | None = None,
 ) -> Decision:
     """Unknown calls for query cells at false discovery rate ``fdr`` (or per cell at ``false_unknown``).
 
@@ -228,6 +252,8 @@ def decide(
     false_unknown
         When set, ``fdr`` is not used: each cell is ``Unknown`` iff its p-value is at most
         ``false_unknown`` (in [0, 1)), which bounds the share of known cells called Unknown.
+    groups
+        The predicted type of every query cell, for ``shift="gated_by_type"``.
 
     Returns
     -------
@@ -241,7 +267,7 @@ def decide(
         calibration_statistics = calibration_statistic(calibration, names)
     L = neglog_pvalues(stat, calibration_statistics)
     mode, on_matched = parse_shift(shift)
-    L, info = shift_correction(L, mode, null_cells if on_matched else None)
+    L, info = shift_correction(L, mode, null_cells if on_matched else None, groups)
     p = np.exp(-L)
     q = bh_qvalues(p)  # ties at p = 0 (beyond float range) are all rejected together, as they should
     unknown = (q <= fdr) & (fdr > 0) if false_unknown is None else (p <= false_unknown) & (false_unknown > 0)
