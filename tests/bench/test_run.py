@@ -65,6 +65,9 @@ def test_markdown_open_set_and_loto_sections():
     assert "singler confidence | spikgpt Unknown (unseen / known) | singler Unknown (unseen / known) |" in md
     assert "| T | 0.950 |" in md and "| 0.970 | 0.500 / 0.020 | 0.200 / 0.010 |" in md
     assert "pruneScores" in md
+    assert "| T | 0.020; 0.900 → 0.880 |" in md  # one seed: no worst seed
+    two = {**task, "methods": {"spikgpt": [run, {**run, "false_unknown": 0.3}]}}
+    assert "| T | 0.160 ± 0.140 (worst 0.300); 0.900 → 0.880 |" in markdown({**res, "tasks": {"T": two}})
 
 
 def test_task_specs_are_complete():
