@@ -294,3 +294,21 @@ def test_without_calibration_every_cell_trains_and_nothing_is_unknown(counts):
     assert model.summary["history"]["n_train"] + model.summary["history"]["n_val"] == 160
     out = spikgpt.annotate(counts, model, copy=True).obs
     assert (out["spikgpt_label"] != UNKNOWN).all() and (out["spikgpt_pvalue"] == 1).all()
+
+
+def test_a_predicted_type_mostly_unknown_is_named(caplog):
+    from spikgpt.api import warn_if_mostly_unknown
+
+    labels = np.array(["A"] * 100 + ["B"] * 30 + ["C"] * 10)
+    unknown = np.zeros(140, bool)
+    unknown[100:120] = unknown[130:] = True  # B: 20 of 30; C: all 10, too few to name
+    with caplog.at_level("WARNING", logger="spikgpt"):
+        warn_if_mostly_unknown(unknown, "spikgpt", labels)
+    assert "B (67% of 30)" in caplog.text and "C (" not in caplog.text and "A (" not in caplog.text
+    caplog.clear()
+    embedded = np.ones(140, bool)
+    embedded[100:115] = False  # cells that could not be embedded are Unknown, not B's novelty
+    with caplog.at_level("WARNING", logger="spikgpt"):
+        warn_if_mostly_unknown(unknown, "spikgpt", labels, embedded)
+        warn_if_mostly_unknown(unknown, "spikgpt")  # without labels only the whole query is judged
+    assert caplog.text == ""

@@ -531,7 +531,7 @@ def annotate(
         adata.uns[key_added]["n_unknown"],
         rule_text(fdr, false_unknown),
     )
-    warn_if_mostly_unknown(pred.unknown, key_added)
+    warn_if_mostly_unknown(pred.unknown, key_added, pred.raw_label, pred.embedded)
     return adata if (copy or from_path) else None
 
 
@@ -600,14 +600,48 @@ def rule_text(fdr: float, false_unknown: float | None) -> str:
     return f"at FDR {fdr:.2f}" if false_unknown is None else f"at per-cell false Unknown {false_unknown:.3f}"
 
 
-def warn_if_mostly_unknown(unknown: np.ndarray, key_added: str = "spikgpt") -> None:
-    """Warn when more than half of a query of at least 50 cells is Unknown."""
+#: Fewest embedded cells of a predicted type for :func:`warn_if_mostly_unknown` to name it.
+WARN_TYPE_CELLS = 20
+
+
+def warn_if_mostly_unknown(
+    unknown: np.ndarray,
+    key_added: str = "spikgpt",
+    raw_label: np.ndarray | None = None,
+    embedded: np.ndarray | None = None,
+) -> None:
+    """Warn when more than half of a query of at least 50 cells is Unknown, or of a predicted type.
+
+    A predicted type of at least :data:`WARN_TYPE_CELLS` embedded cells, more than half of them
+    Unknown, is named: either a type absent from the reference resembles it, or the query moved
+    that type by more than the corrections removed (a protocol need not move every type alike).
+    """
     if len(unknown) >= 50 and unknown.mean() > 0.5:
         logger.warning(
             "%.0f%% of the cells are Unknown. Either most of the query is of types absent from the "
             "reference, or it differs from the reference by more than the mapping removed; compare "
             "obs['%s_raw_label'].",
             100 * unknown.mean(),
+            key_added,
+        )
+        return
+    if raw_label is None:
+        return
+    ok = np.ones(len(unknown), bool) if embedded is None else np.asarray(embedded, bool)
+    labels, unknown = np.asarray(raw_label)[ok], np.asarray(unknown)[ok]
+    types, counts = np.unique(labels, return_counts=True)
+    mostly = [
+        f"{t} ({share:.0%} of {n})"
+        for t, n in zip(types, counts, strict=True)
+        if n >= WARN_TYPE_CELLS and (share := unknown[labels == t].mean()) > 0.5
+    ]
+    if mostly:
+        logger.warning(
+            "Most cells predicted as %s are Unknown: a type absent from the reference resembles them, or "
+            "the query moved them by more than was corrected (uns['%s']['global_shift_removed']); "
+            "obs['%s_raw_label'] keeps their labels.",
+            ", ".join(mostly),
+            key_added,
             key_added,
         )
 
