@@ -312,3 +312,21 @@ def test_a_predicted_type_mostly_unknown_is_named(caplog):
         warn_if_mostly_unknown(unknown, "spikgpt", labels, embedded)
         warn_if_mostly_unknown(unknown, "spikgpt")  # without labels only the whole query is judged
     assert caplog.text == ""
+    missing = labels.astype(object)
+    missing[100:115] = None  # raw label of cells that could not be embedded
+    with caplog.at_level("WARNING", logger="spikgpt"):
+        warn_if_mostly_unknown(unknown, "spikgpt", missing)
+    assert caplog.text == ""
+
+
+def test_a_cell_that_could_not_be_embedded_is_unknown_with_no_raw_label():
+    ref = synthetic_counts({"A": 60, "B": 60, "C": 40}, seed=1)
+    codes = ref.obs["cell_type"].cat.codes.to_numpy()
+    ref.obsm["X_emb"] = np.random.default_rng(0).normal(size=(ref.n_obs, 8)) + 3 * codes[:, None]
+    model = spikgpt.train(ref, "cell_type", embedder="obsm:X_emb", train_config=FAST, progress=False)
+    query = ref[:20].copy()
+    query.obsm["X_emb"][3] = np.nan  # what an embedder writes for a cell it could not embed
+    out = spikgpt.annotate(query, model, copy=True, progress=False).obs
+    assert out["spikgpt_label"].iloc[3] == UNKNOWN and out["spikgpt_unknown_reason"].iloc[3] == "not_embedded"
+    assert pd.isna(out["spikgpt_raw_label"].iloc[3]) and out["spikgpt_confidence"].iloc[3] == 0
+    assert out["spikgpt_raw_label"].drop(out.index[3]).notna().all()

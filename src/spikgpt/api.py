@@ -433,7 +433,8 @@ def annotate(
     away. Writes, with ``key_added="spikgpt"``:
 
     - ``obs["spikgpt_label"]``: predicted cell type, or ``Unknown``;
-    - ``obs["spikgpt_raw_label"]``: predicted cell type before rejection;
+    - ``obs["spikgpt_raw_label"]``: predicted cell type before rejection (missing for a cell
+      that could not be embedded);
     - ``obs["spikgpt_confidence"]``: softmax maximum of the time-averaged logits (0 for
       cells the embedder could not embed);
     - ``obs["spikgpt_pvalue"]``: novelty p-value (small = unlike every held-out reference
@@ -627,7 +628,9 @@ def warn_if_mostly_unknown(
         return
     if raw_label is None:
         return
-    ok = np.ones(len(unknown), bool) if embedded is None else np.asarray(embedded, bool)
+    ok = pd.notna(np.asarray(raw_label, dtype=object))  # no label: a cell that could not be embedded
+    if embedded is not None:
+        ok &= np.asarray(embedded, bool)
     labels, unknown = np.asarray(raw_label)[ok], np.asarray(unknown)[ok]
     types, counts = np.unique(labels, return_counts=True)
     mostly = [

@@ -81,7 +81,7 @@ class Prediction:
     embedding: np.ndarray  # [n, d] embedding the classifier consumed (mapped; NaN rows: could not embed)
     probs: np.ndarray  # [n, C]
     confidence: np.ndarray  # [n]
-    raw_label: np.ndarray  # [n] class names, before rejection
+    raw_label: np.ndarray  # [n] class names, before rejection (None where not embedded)
     embedded: np.ndarray  # [n] bool
     pvalue: np.ndarray  # [n] novelty p-value (small = novel); 0 for cells that could not be embedded
     qvalue: np.ndarray  # [n] Benjamini–Hochberg adjusted p-value
@@ -274,7 +274,8 @@ class SpikGPTModel:
             E_out,
             probs,
             np.where(embedded, probs.max(axis=1), 0.0),
-            np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)],
+            # a cell that could not be embedded has no type: missing, not the first class
+            np.where(embedded, np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)], None),
             embedded,
             scores,
             out,
