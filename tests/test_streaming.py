@@ -57,6 +57,20 @@ def test_chunks_equal_memory_and_input_untouched(trained, tmp_path, monkeypatch,
     )
 
 
+def test_a_shifted_query_is_corrected_type_by_type_in_chunks_as_in_memory(trained, tmp_path):
+    """The chunked path hands the predicted types to the Unknown decision as the in-memory one does."""
+    query = synthetic_counts({"A": 50, "B": 50, "C": 30}, seed=7, extra_types={"new": 25})
+    factors = np.random.default_rng(9).lognormal(0.0, 0.8, query.n_vars)  # gene-specific batch effect
+    query.X = sp.csr_matrix(np.round(query.X.toarray() * factors), dtype=np.float32)
+    query.write_h5ad(tmp_path / "q.h5ad")
+    annotate_file(tmp_path / "q.h5ad", trained, tmp_path / "out.h5ad", chunk_size=37, progress=False)
+    memory = spikgpt.annotate(query, trained, copy=True, progress=False)
+    assert memory.uns["spikgpt"]["global_shift_removed"]["types_corrected"] == 3  # measured: the gate fires
+    _assert_same(ad.read_h5ad(tmp_path / "out.h5ad"), memory)
+    streamed = ad.read_h5ad(tmp_path / "out.h5ad").uns["spikgpt"]["global_shift_removed"]
+    assert streamed["types_corrected"] == 3
+
+
 def test_pandas_3_strings_are_written(trained, tmp_path):
     """With pandas >= 3 text columns are string arrays: the annotated copy must still be written."""
     query = synthetic_counts({"A": 30, "B": 30}, seed=7)
