@@ -88,10 +88,11 @@ def _scores(sc: dict, model: SpikGPTModel) -> dict:
             EE = EE - m.shift * model.input_std
         o = model.outputs(EE)
         o.residual = sc["q_residual"][ok]
-        pred = np.asarray(model.classes)[o.probs.argmax(axis=1)]
+        pred_index = o.probs.argmax(axis=1)
+        pred = np.asarray(model.classes)[pred_index]
         sc["mapped"][mapping] = {
             **{f"q_{n}": v for n, v in model.novelty.raw_scores(o).items()},
-            "pred": o.probs.argmax(axis=1),
+            "pred": pred_index,
             "macro_f1": float(f1_score(truth[known], pred[known], labels=sorted(set(truth[known])), average="macro")),
         }
     sc["q_truth"], sc["q_embedded"] = truth, np.ones(len(truth), bool)
@@ -219,7 +220,7 @@ def synthetic_checks(candidates: list[tuple[str, str]]) -> dict[tuple[str, str],
     return out
 
 
-def objective(per_dataset: list[dict], fdr: float, closed_worst: list[float] = ()) -> float:
+def objective(per_dataset: list[dict], fdr: float, closed_worst: tuple[float, ...] | list[float] = ()) -> float:
     """Mean recall over datasets minus twice the worst dataset's FDR and false-Unknown excesses.
 
     ``closed_worst``: each dataset's worst false Unknown on the closed-set tasks (over seeds and
