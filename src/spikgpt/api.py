@@ -532,7 +532,7 @@ def annotate(
         adata.uns[key_added]["n_unknown"],
         rule_text(fdr, false_unknown),
     )
-    warn_if_mostly_unknown(pred.unknown, key_added, pred.raw_label, pred.embedded)
+    warn_if_mostly_unknown(pred.unknown, key_added, pred.raw_label)
     return adata if (copy or from_path) else None
 
 
@@ -609,11 +609,11 @@ def warn_if_mostly_unknown(
     unknown: np.ndarray,
     key_added: str = "spikgpt",
     raw_label: np.ndarray | None = None,
-    embedded: np.ndarray | None = None,
 ) -> None:
     """Warn when more than half of a query of at least 50 cells is Unknown, or of a predicted type.
 
-    A predicted type of at least :data:`WARN_TYPE_CELLS` embedded cells, more than half of them
+    A predicted type (``raw_label``; missing for cells that could not be embedded, which are
+    left out) of at least :data:`WARN_TYPE_CELLS` cells, more than half of them
     Unknown, is named: either a type absent from the reference resembles it, or the query moved
     that type by more than the corrections removed (a protocol need not move every type alike).
     """
@@ -629,8 +629,6 @@ def warn_if_mostly_unknown(
     if raw_label is None:
         return
     ok = pd.notna(np.asarray(raw_label, dtype=object))  # no label: a cell that could not be embedded
-    if embedded is not None:
-        ok &= np.asarray(embedded, bool)
     labels, unknown = np.asarray(raw_label)[ok], np.asarray(unknown)[ok]
     types, counts = np.unique(labels, return_counts=True)
     mostly = [

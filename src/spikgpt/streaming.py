@@ -379,7 +379,7 @@ def annotate_file(
         _replace(written, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    warn_if_mostly_unknown(unknown, key_added, acc.raw_label, acc.embedded)
+    warn_if_mostly_unknown(unknown, key_added, acc.raw_label)
     logger.info(
         "Annotated %d cells in %d chunks; %d Unknown %s.",
         n,
