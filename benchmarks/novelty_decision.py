@@ -108,8 +108,9 @@ def evaluate(
     fdr: float,
     draws: int,
     false_unknown: float | None = None,
+    sizes: tuple[int | None, ...] = SIZES,
 ) -> list[dict]:
-    """Metrics of one rule on one scenario, for every subsample size (per-cell rule at ``false_unknown`` if set)."""
+    """Metrics of one rule on one scenario, for each subsample size (per-cell rule at ``false_unknown`` if set)."""
     truth = sc["q_truth"]
     unseen = ~np.isin(truth, sc["classes"])
     scores = {n: sc["mapped"][mapping][f"q_{n}"] for n in names}
@@ -117,7 +118,7 @@ def evaluate(
     cal_stat = calibration_statistic(cal, names)
     rows = []
     unseen_idx, known_idx = np.flatnonzero(unseen), np.flatnonzero(~unseen)
-    for size in SIZES:
+    for size in sizes:
         if size is not None and size >= len(unseen_idx):
             continue
         reps = 1 if size is None else draws
@@ -220,6 +221,11 @@ def synthetic_checks(candidates: list[tuple[str, str]]) -> dict[tuple[str, str],
     return out
 
 
+def rule_key(comp: str, shift: str, mapping: bool, prefix: str = "") -> str:
+    """The name of a candidate rule in the tables (``prefix``: its representation's label)."""
+    return f"{prefix}{comp}|shift={shift}|{'mnn' if mapping else 'nomap'}"
+
+
 def objective(per_dataset: list[dict], fdr: float, closed_worst: tuple[float, ...] | list[float] = ()) -> float:
     """Mean recall over datasets minus twice the worst dataset's FDR and false-Unknown excesses.
 
@@ -234,8 +240,8 @@ def objective(per_dataset: list[dict], fdr: float, closed_worst: tuple[float, ..
 
 def closed_worst_false_unknown(scenarios: list[dict], names: tuple[str, ...], shift: str, mapping: bool, fdr: float):
     """Per dataset, the largest share of known cells called Unknown over its closed-set scenarios."""
-    rows = rows_by_dataset(scenarios, names, shift, mapping, fdr=fdr, draws=1)
-    return {d: max(r["false_unknown"] for r in v if r["size"] == "all") for d, v in rows.items()}
+    rows = rows_by_dataset(scenarios, names, shift, mapping, fdr=fdr, draws=1, sizes=(None,))
+    return {d: max(r["false_unknown"] for r in v) for d, v in rows.items()}
 
 
 def main() -> None:
@@ -282,7 +288,7 @@ def main() -> None:
                 d: float(np.mean([sc["mapped"][m]["macro_f1"] for sc in scen if sc["dataset"] == d])) for d in datasets
             }
         for comp, shift, mapping in candidates:
-            key = f"{prefix}{comp}|shift={shift}|{'mnn' if mapping else 'nomap'}"
+            key = rule_key(comp, shift, mapping, prefix)
             rule[key] = (comp, shift)
             per[key] = rows_by_dataset(scen, COMPONENTS[comp], shift, mapping, fdr=args.fdr, draws=args.draws)
     table = {k: {d: summarise(v[d]) for d in datasets} for k, v in per.items()}
@@ -290,8 +296,8 @@ def main() -> None:
     if args.closed_cache is not None:
         closed_scen = load(args.closed_cache)
         for comp, shift, mapping in candidates:
-            key = f"{comp}|shift={shift}|{'mnn' if mapping else 'nomap'}"
-            closed[key] = closed_worst_false_unknown(closed_scen, COMPONENTS[comp], shift, mapping, args.fdr)
+            worst = closed_worst_false_unknown(closed_scen, COMPONENTS[comp], shift, mapping, args.fdr)
+            closed[rule_key(comp, shift, mapping)] = worst
     checks = synthetic_checks(sorted(set(rule.values())))
     admissible = {k: checks[rule[k]]["admissible"] for k in per}
 
@@ -339,7 +345,7 @@ def main() -> None:
         for level in args.false_unknown
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    keep = {default, *(v["chosen"] for v in lodo.values())}
+    keep = sorted({default, *(v["chosen"] for v in lodo.values())})  # sorted: the same file on every run
     res = {
         "fdr": args.fdr,
         "draws": args.draws,
