@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -217,7 +219,7 @@ def test_gene_order_and_extra_genes_do_not_change_predictions(trained, counts):
     assert (a.obs["spikgpt_raw_label"] == b.obs["spikgpt_raw_label"]).all()
 
 
-def test_rare_types_and_tiny_references_train():
+def test_rare_types_and_tiny_references_train(caplog):
     """Types of 1, 2 and 4 cells are kept and learned; a 50-cell, 8-type reference trains."""
     ref = synthetic_counts({"A": 60, "B": 60, "C": 40, "D": 1, "E": 2, "F": 4}, seed=1)
     query = synthetic_counts({"A": 10, "B": 10, "C": 10, "D": 10, "E": 10, "F": 10}, seed=2)
@@ -236,8 +238,23 @@ def test_rare_types_and_tiny_references_train():
     sizes = dict(zip("ABCDEFGH", [7, 7, 6, 6, 6, 6, 6, 6], strict=True))
     tiny = synthetic_counts(sizes, seed=3)
     assert tiny.n_obs == 50
-    small = spikgpt.train(tiny, "cell_type", train_config=FAST, progress=False)
+    with caplog.at_level(logging.WARNING, logger="spikgpt"):
+        small = spikgpt.train(tiny, "cell_type", train_config=FAST, progress=False)
     assert len(small.classes) == 8 and np.isfinite(small.novelty.state["class_logdet_embedding"]).all()
+    # 10 calibration cells: the user is told at training and at annotation that Unknown is out of reach
+    assert "Only 10 reference cells calibrate" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spikgpt"):
+        spikgpt.annotate(query, small, copy=True)
+    smallest = small.smallest_pvalue()
+    assert smallest >= 2 / 11  # ties with the most extreme of the 10 calibration cells
+    need = int(np.ceil(smallest * 60 / 0.1 - 1e-9))
+    assert f"calibrated on 10 reference cells, so no p-value is below {smallest:.3f}" in caplog.text
+    assert f"at least {need} of the 60 query cells" in caplog.text and "false_unknown >=" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spikgpt"):
+        spikgpt.annotate(query, model, copy=True)  # 30 calibration cells: a tail, no floor
+    assert "calibrated on" not in caplog.text and model.smallest_pvalue() == 0
 
 
 def test_whole_input_is_validated_before_the_split(counts):

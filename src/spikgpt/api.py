@@ -380,6 +380,7 @@ def _train(
                 model, _, _ = _fit_pipeline(cells.subset(fit_idx), y[fit_idx], **fit, progress=progress)
                 model.classes, correct = classes, np.zeros(0, dtype=bool)
     calibration = {"n_cells": int(len(correct)), "folds": k if crossfit else 1}
+    model.novelty_method, model.fdr, model.mapping = novelty, fdr, mapping
     if len(correct):
         model.novelty.calibrate(scores)
         calibration.update(accuracy=float(correct.mean()))
@@ -390,7 +391,15 @@ def _train(
             how,
             calibration["accuracy"],
         )
-    model.novelty_method, model.fdr, model.mapping = novelty, fdr, mapping
+        if (smallest := model.smallest_pvalue()) > 0:
+            logger.warning(
+                "Only %d reference cells calibrate the Unknown rule: no p-value can fall below %.3f, so at "
+                "FDR %s few or no query cells will be called Unknown. annotate(..., false_unknown=...) tests "
+                "cells one by one; calibration_folds=5 calibrates on every reference cell.",
+                len(correct),
+                smallest,
+                fdr,
+            )
     model.summary.update(
         n_cells=int(adata.n_obs),
         n_genes=int(n_genes),

@@ -64,3 +64,31 @@ def test_without_validation_cells_the_whole_schedule_runs_and_its_final_weights_
 
     with torch.inference_mode():
         assert (net(torch.as_tensor(X)).mean(0).argmax(1).numpy() == y).mean() > 0.9
+
+
+def test_input_noise_changes_the_fit_is_seeded_and_is_checked():
+    import torch
+
+    from spikgpt.model.network import NetworkConfig
+    from spikgpt.model.training import TrainConfig, fit_network
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 40)
+    X = (rng.normal(size=(120, 16)) + np.eye(3, 16)[y] * 3).astype(np.float32)
+    net_cfg = NetworkConfig(in_dim=16, n_classes=3)
+    fit = {"seed": 0, "progress": False}
+
+    def weights(noise: float) -> dict:
+        net, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=20, patience=20, input_noise=noise), **fit)
+        return {k: v for k, v in net.state_dict().items() if v.is_floating_point()}, net
+
+    plain, _ = weights(0.0)
+    noisy, net = weights(0.3)
+    again, _ = weights(0.3)
+    assert any(not torch.equal(v, plain[k]) for k, v in noisy.items())
+    assert all(torch.equal(v, again[k]) for k, v in noisy.items())
+    with torch.inference_mode():
+        assert (net(torch.as_tensor(X)).mean(0).argmax(1).numpy() == y).mean() > 0.9
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="input_noise"):
+            TrainConfig(input_noise=bad)

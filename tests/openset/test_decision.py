@@ -11,6 +11,8 @@ from spikgpt.openset.decision import (
     parse_shift,
     reject,
     shift_correction,
+    smallest_pvalue,
+    unreachable_unknown,
 )
 
 
@@ -184,3 +186,24 @@ def test_calibration_statistic_and_errors():
     with pytest.raises(ValueError, match="fdr must be in"):
         check_fdr(1.0)
     assert list(reject(np.array(["x", "y"]), np.array([True, False]))) == ["Unknown", "y"]
+
+
+def test_too_few_calibration_cells_are_named_with_the_number_of_cells_an_unknown_call_needs():
+    rng = np.random.default_rng(0)
+    big = {"a": rng.gamma(2.0, 1.0, 100), "b": rng.gamma(2.0, 1.0, 100)}
+    assert smallest_pvalue(big, ("a", "b")) == 0.0  # fitted tails have no floor
+    assert unreachable_unknown(0.0, 100, 300, 0.1) == ""
+    cal = {"s": rng.gamma(2.0, 1.0, 12)}
+    # a cell beyond every calibration cell ties with the most extreme one: 2 / 13, not 1 / 13
+    assert smallest_pvalue(cal, ("s",)) == pytest.approx(2 / 13)
+    why = unreachable_unknown(2 / 13, 12, 200, 0.1)
+    need = int(why.split("at least ")[1].split(" of the")[0])
+    assert need == 308 and "false_unknown >= 0.154" in why and "calibration_folds=5" in why  # > 200: never
+    why = unreachable_unknown(2 / 13, 12, 200, 0.5)
+    need = int(why.split("at least ")[1].split(" of the")[0])
+    assert need == 62  # ceil(200 · 2 / 13 / 0.5)
+    for beyond, called in ((need - 1, 0), (need, need)):  # the number stated is the one that holds
+        query = {"s": np.concatenate([np.full(beyond, 100.0), rng.gamma(2.0, 1.0, 200 - beyond) / 10])}
+        assert decide(query, cal, ("s",), fdr=0.5, shift="none").unknown.sum() == called
+    assert "calls no cell" in unreachable_unknown(2 / 13, 12, 200, 0.1, false_unknown=0.05)
+    assert unreachable_unknown(2 / 13, 12, 200, 0.1, false_unknown=0.2) == ""

@@ -6,6 +6,7 @@ Saved as a folder of ``config.json`` and safetensors files; nothing is ever unpi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,9 +35,13 @@ from spikgpt.openset.decision import (
     check_fdr,
     check_shift,
     decide,
+    smallest_pvalue,
+    unreachable_unknown,
 )
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
 from spikgpt.snn import LIF
+
+logger = logging.getLogger("spikgpt")
 
 FORMAT = "spikgpt-model"
 FORMAT_VERSION = 3  # 3: conformal FDR decision and query mapping (2: class Gaussians)
@@ -321,9 +326,20 @@ class SpikGPTModel:
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown
             removed = d.shift
+            n_cal = len(self._calibration_statistic(names))
+            if why := unreachable_unknown(self.smallest_pvalue(names), n_cal, int(embedded.sum()), fdr, false_unknown):
+                logger.warning(why)
         elif embedded.any():  # uncalibrated model (calibration_fraction=0): nothing is Unknown
             pvalue[embedded], qvalue[embedded], reason[embedded] = 1.0, 1.0, ""
         return pvalue, qvalue, unknown, reason, removed
+
+    def smallest_pvalue(self, names: tuple[str, ...] | None = None) -> float:
+        """The smallest p-value a query cell can get (:func:`~spikgpt.openset.decision.smallest_pvalue`); 0: none.
+
+        ``names``: the scores of the rule (the model's default novelty method when ``None``).
+        """
+        names = names or score_names(self.novelty_method, DEFAULT_COMBINATION)
+        return smallest_pvalue(self.novelty.calibration_scores(names), names, self._calibration_statistic(names))
 
     def _calibration_statistic(self, names: tuple[str, ...]) -> np.ndarray:
         """Calibration cells' combined statistic for ``names`` (cached: it only depends on the model)."""

@@ -131,6 +131,53 @@ def tail_pvalues(x: np.ndarray, calibration: np.ndarray, tail: float = TAIL) -> 
     return np.exp(-neglog_pvalues(x, calibration, tail))
 
 
+def smallest_pvalue(
+    calibration: dict[str, np.ndarray], names: tuple[str, ...], calibration_statistics: np.ndarray | None = None
+) -> float:
+    """The p-value of a query cell beyond every calibration cell on every score: the smallest there is.
+
+    0 when the calibration cells fit the exponential tails (:func:`neglog_pvalues`), which have no
+    floor. With 20 calibration cells or fewer it is at least ``2 / (n + 1)``: such a cell ties
+    with the most extreme calibration cell (both get the grid's smallest per-score p-value,
+    ``1 / n``). The shift correction only raises p-values.
+    """
+    if calibration_statistics is None:
+        calibration_statistics = calibration_statistic(calibration, names)
+    stat, _ = combined_statistic({n: np.array([np.inf]) for n in names}, calibration, names)
+    return float(np.exp(-neglog_pvalues(stat, calibration_statistics))[0])
+
+
+def unreachable_unknown(
+    smallest: float, n_calibration: int, n_query: int, fdr: float, false_unknown: float | None = None
+) -> str:
+    """Why (almost) no cell can be called Unknown, given the ``smallest`` p-value there is; or ``""``.
+
+    Benjamini–Hochberg calls the ``k`` smallest p-values when the ``k``-th is at most
+    ``fdr · k / n``; with every p-value at least ``smallest`` (:func:`smallest_pvalue`) no cell is
+    called unless ``smallest · n / fdr`` query cells or more lie beyond every calibration cell.
+    The per-cell rule calls nothing when ``false_unknown < smallest``.
+    """
+    if smallest <= 0 or n_query == 0:
+        return ""
+    floor = f"The model was calibrated on {n_calibration} reference cells, so no p-value is below {smallest:.3f}"
+    if false_unknown is not None:
+        if 0 < false_unknown < smallest:
+            return (
+                f"{floor}, and false_unknown={false_unknown} calls no cell Unknown; "
+                f"set false_unknown >= {smallest:.3f}."
+            )
+        return ""
+    if fdr <= 0:
+        return ""
+    need = int(np.ceil(smallest * n_query / fdr - 1e-9))
+    return (
+        f"{floor}: at FDR {fdr} a cell is called Unknown only if at least {need} of the {n_query} query cells "
+        f"lie beyond every calibration cell. To call a few new cells, test cells one by one with "
+        f"false_unknown >= {smallest:.3f} (--false-unknown), or calibrate on every reference cell with "
+        "calibration_folds=5 at training (--calibration-folds 5)."
+    )
+
+
 def bh_qvalues(p: np.ndarray) -> np.ndarray:
     """Benjamini–Hochberg adjusted p-values: a cell is rejected at level ``fdr`` iff ``q <= fdr``."""
     p = np.asarray(p, dtype=np.float64)
