@@ -174,10 +174,10 @@ def _refit_network(
     model.summary["calibration_network"] = first
 
 
-def _held_out_scores(model: SpikGPTModel, cells, y: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every novelty score of cells ``model`` never saw, and whether it labels them right."""
+def _held_out_scores(model: SpikGPTModel, cells, y: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Novelty scores of cells ``model`` never saw, whether it labels them right, and their standardised embedding."""
     out, ok = _embedded_outputs(model, cells)
-    return model.novelty.raw_scores(out), out.probs.argmax(axis=1) == y[ok]
+    return model.novelty.raw_scores(out), out.probs.argmax(axis=1) == y[ok], out.embedding
 
 
 def train(
@@ -366,13 +366,13 @@ def _train(
                 parts.append(_held_out_scores(fold_model, cells.subset(held), y[held]))
             model = _fit_scored(cells, y, classes, **fit, progress=progress)
             scores = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
-            correct = np.concatenate([p[1] for p in parts])
+            correct, positions = np.concatenate([p[1] for p in parts]), None
             how = f"out-of-fold in {k}-fold cross-fitting"
         else:
             fit_idx, cal_idx = stratified_split(y, calibration_fraction, min_cells=min_cells_per_class, seed=seed)
             if len(cal_idx):
                 model = _fit_scored(cells.subset(fit_idx), y[fit_idx], classes, **fit, progress=progress)
-                scores, correct = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
+                scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
                 how = "held out of training"
                 if refit:
                     _refit_network(model, cells, y, fit_idx, cfg, seed=seed, progress=progress)
@@ -382,7 +382,7 @@ def _train(
     calibration = {"n_cells": int(len(correct)), "folds": k if crossfit else 1}
     model.novelty_method, model.fdr, model.mapping = novelty, fdr, mapping
     if len(correct):
-        model.novelty.calibrate(scores)
+        model.novelty.calibrate(scores, positions, seed=seed)
         calibration.update(accuracy=float(correct.mean()))
         logger.info(
             "Novelty (%s) calibrated on %d reference cells, %s (their accuracy %.3f).",
@@ -451,7 +451,8 @@ def annotate(
       ``Unknown`` iff ``qvalue <= fdr``, so ``obs["spikgpt_qvalue"] <= 0.05`` re-decides at 5 %
       without re-running (and ``obs["spikgpt_pvalue"] <= 0.01`` as ``false_unknown=0.01`` would);
     - ``obs["spikgpt_unknown_reason"]``: the score that made a cell ``Unknown``
-      (``not_embedded`` for cells that could not be embedded), empty otherwise;
+      (``neighbourhood`` where the test of its 10 nearest query cells did, ``not_embedded`` for
+      cells that could not be embedded), empty otherwise;
     - ``obsm["X_spikgpt_embedding"]``: the (mapped) cell embedding the classifier consumed;
     - ``uns["spikgpt"]``: FDR (or ``false_unknown``), novelty score, mapping shift, global shift
       removed (``global_shift_removed``: location and scale in ``−log p`` units, and how many

@@ -50,7 +50,7 @@ from spikgpt.errors import InputError
 from spikgpt.mapping import Mapping, query_sample
 from spikgpt.model import SpikGPTModel
 from spikgpt.model.annotator import is_model_folder
-from spikgpt.openset.decision import check_false_unknown, check_fdr, check_shift
+from spikgpt.openset.decision import MAX_NEIGHBOURHOOD_CELLS, check_false_unknown, check_fdr, check_shift
 from spikgpt.openset.novelty import score_names
 
 logger = logging.getLogger(__name__)
@@ -341,6 +341,7 @@ def annotate_file(
                     matched=None if matched is None else matched[acc.embedded],
                     false_unknown=false_unknown,
                     labels=acc.raw_label,
+                    embedding=acc.embedding,
                 )
                 cols = annotation_columns(
                     model, acc.raw_label, acc.confidence, pvalue, qvalue, unknown, reason, key_added
@@ -396,6 +397,7 @@ class _Collected:
     raw_label: np.ndarray
     embedded: np.ndarray
     scores: dict[str, np.ndarray]
+    embedding: np.ndarray | None  # kept for the neighbourhood test on queries small enough for it
 
 
 def _collect(
@@ -406,7 +408,7 @@ def _collect(
     embedded = np.zeros(n, dtype=bool)
     parts: dict[int, dict[str, np.ndarray]] = {}
     obsm = out_store["obsm"] if "obsm" in out_store else out_store.create_group("obsm")
-    arr = None
+    arr, kept = None, None
     for r in tqdm(results, total=n_chunks, desc="annotating", unit="chunk", disable=None if progress else True):
         stop = r.start + len(r.confidence)
         conf[r.start : stop], raw[r.start : stop], embedded[r.start : stop] = r.confidence, r.raw_label, r.embedded
@@ -414,9 +416,13 @@ def _collect(
         if arr is None:
             arr = _new_dense(obsm, f"X_{key_added}_embedding", (n, r.embedding.shape[1]))
         arr[r.start : stop] = r.embedding
+        if n <= MAX_NEIGHBOURHOOD_CELLS:
+            if kept is None:
+                kept = np.zeros((n, r.embedding.shape[1]), np.float32)
+            kept[r.start : stop] = r.embedding
     # Chunks may arrive out of order (a cluster); the scores of embedded cells are joined in cell order.
     scores = {name: np.concatenate([parts[k].get(name, np.zeros(0)) for k in sorted(parts)]) for name in names}
-    return _Collected(conf, raw, embedded, scores)
+    return _Collected(conf, raw, embedded, scores, kept)
 
 
 def _replace(written: Path, out: Path) -> None:

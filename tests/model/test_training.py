@@ -1,7 +1,23 @@
 import numpy as np
 import pytest
+import torch
 
-from spikgpt.model.training import stratified_folds, stratified_split
+from spikgpt.model.network import NetworkConfig
+from spikgpt.model.training import TrainConfig, fit_network, stratified_folds, stratified_split
+
+FIT = {"seed": 0, "progress": False}
+
+
+def three_clusters(per_class: int, separation: float) -> tuple[np.ndarray, np.ndarray]:
+    """16-dimensional Gaussian cells of three classes, each moved along its own axis."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], per_class)
+    return (rng.normal(size=(len(y), 16)) + np.eye(3, 16)[y] * separation).astype(np.float32), y
+
+
+def accuracy(net, X: np.ndarray, y: np.ndarray) -> float:
+    with torch.inference_mode():
+        return float((net(torch.as_tensor(X)).mean(0).argmax(1).numpy() == y).mean())
 
 
 def test_folds_are_stratified_balanced_and_keep_rare_types_in_every_fold():
@@ -26,60 +42,34 @@ def test_split_holds_out_the_share_and_never_a_rare_type(fraction):
 
 
 def test_weight_averaging_keeps_an_average_that_differs_from_the_raw_weights_and_is_seeded():
-    import torch
-
-    from spikgpt.model.network import NetworkConfig
-    from spikgpt.model.training import TrainConfig, fit_network
-
-    rng = np.random.default_rng(0)
-    y = np.repeat([0, 1, 2], 40)
-    X = (rng.normal(size=(120, 16)) + np.eye(3, 16)[y] * 2).astype(np.float32)
+    X, y = three_clusters(40, 2.0)
     net_cfg = NetworkConfig(in_dim=16, n_classes=3)
-    fit = {"seed": 0, "progress": False}
-    raw, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=0), **fit)
-    avg, hist = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=2), **fit)
-    again, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=2), **fit)
+    raw, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=0), **FIT)
+    avg, hist = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=2), **FIT)
+    again, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=2), **FIT)
     w = {k: v for k, v in avg.state_dict().items() if v.is_floating_point()}
     assert w.keys() == {k for k, v in raw.state_dict().items() if v.is_floating_point()}
     assert any(not torch.equal(v, raw.state_dict()[k]) for k, v in w.items())
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in w.items())
-    with torch.inference_mode():
-        acc = (avg(torch.as_tensor(X)).mean(0).argmax(1).numpy() == y).mean()
-    assert acc > 0.9 and hist["val_loss"][hist["best_epoch"]] == min(hist["val_loss"])
+    assert accuracy(avg, X, y) > 0.9 and hist["val_loss"][hist["best_epoch"]] == min(hist["val_loss"])
 
 
 def test_without_validation_cells_the_whole_schedule_runs_and_its_final_weights_are_kept():
-    from spikgpt.model.network import NetworkConfig
-    from spikgpt.model.training import TrainConfig, fit_network
-
-    rng = np.random.default_rng(0)
-    y = np.repeat([0, 1, 2], 30)
-    X = (rng.normal(size=(90, 16)) + np.eye(3, 16)[y] * 2).astype(np.float32)
+    X, y = three_clusters(30, 2.0)
     cfg = TrainConfig(max_epochs=40, patience=2, val_fraction=0.0)
-    net, hist = fit_network(X, y, NetworkConfig(in_dim=16, n_classes=3), cfg, seed=0, progress=False)
+    net, hist = fit_network(X, y, NetworkConfig(in_dim=16, n_classes=3), cfg, **FIT)
     # patience cannot stop a run that has nothing to validate on
     assert hist["epochs_run"] == 40 and hist["best_epoch"] == 39
     assert hist["n_train"] == 90 and hist["n_val"] == 0 and hist["val_loss"] == []
-    import torch
-
-    with torch.inference_mode():
-        assert (net(torch.as_tensor(X)).mean(0).argmax(1).numpy() == y).mean() > 0.9
+    assert accuracy(net, X, y) > 0.9
 
 
 def test_input_noise_changes_the_fit_is_seeded_and_is_checked():
-    import torch
-
-    from spikgpt.model.network import NetworkConfig
-    from spikgpt.model.training import TrainConfig, fit_network
-
-    rng = np.random.default_rng(0)
-    y = np.repeat([0, 1, 2], 40)
-    X = (rng.normal(size=(120, 16)) + np.eye(3, 16)[y] * 3).astype(np.float32)
+    X, y = three_clusters(40, 3.0)
     net_cfg = NetworkConfig(in_dim=16, n_classes=3)
-    fit = {"seed": 0, "progress": False}
 
-    def weights(noise: float) -> dict:
-        net, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=20, patience=20, input_noise=noise), **fit)
+    def weights(noise: float) -> tuple[dict, torch.nn.Module]:
+        net, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=20, patience=20, input_noise=noise), **FIT)
         return {k: v for k, v in net.state_dict().items() if v.is_floating_point()}, net
 
     plain, _ = weights(0.0)
@@ -87,8 +77,7 @@ def test_input_noise_changes_the_fit_is_seeded_and_is_checked():
     again, _ = weights(0.3)
     assert any(not torch.equal(v, plain[k]) for k, v in noisy.items())
     assert all(torch.equal(v, again[k]) for k, v in noisy.items())
-    with torch.inference_mode():
-        assert (net(torch.as_tensor(X)).mean(0).argmax(1).numpy() == y).mean() > 0.9
+    assert accuracy(net, X, y) > 0.9
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="input_noise"):
             TrainConfig(input_noise=bad)

@@ -31,6 +31,7 @@ from spikgpt.model.training import TrainConfig
 from spikgpt.openset.decision import (
     DEFAULT_FDR,
     DEFAULT_SHIFT,
+    MAX_NEIGHBOURHOOD_CELLS,
     calibration_statistic,
     check_fdr,
     check_shift,
@@ -222,6 +223,7 @@ class SpikGPTModel:
             matched=matched,
             false_unknown=false_unknown,
             labels=part.raw_label,
+            embedding=part.embedding,
         )
         return Prediction(
             part.embedding,
@@ -297,6 +299,7 @@ class SpikGPTModel:
         matched: np.ndarray | None = None,
         false_unknown: float | None = None,
         labels: np.ndarray | None = None,
+        embedding: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
         """p-values, q-values, Unknown, reason and the global shift removed, over the whole query.
 
@@ -304,7 +307,10 @@ class SpikGPTModel:
         (:attr:`~spikgpt.mapping.Mapping.matched`, over the embedded cells) marks the cells an
         ``@matched`` shift is estimated on; ``false_unknown`` tests each cell at that level
         instead of the query at false discovery rate ``fdr`` (:func:`~spikgpt.openset.decide`);
-        ``labels`` (the raw label of every cell) lets a shift be corrected type by type.
+        ``labels`` (the raw label of every cell) lets a shift be corrected type by type;
+        ``embedding`` (the mapped embedding of every cell, :attr:`Classified.embedding`) lets each
+        cell's neighbourhood be tested as well, when the model stores its calibration cells'
+        positions.
         """
         n = len(embedded)
         pvalue, qvalue = np.zeros(n), np.zeros(n)
@@ -312,6 +318,11 @@ class SpikGPTModel:
         reason = np.full(n, "not_embedded", dtype=object)
         removed = {"location": 0.0, "scale": 1.0}
         if self.novelty is not None and embedded.any():
+            cal_positions = self.novelty.calibration_positions()
+            positions = None
+            # whole-query size, as the chunked path keeps embeddings: the same cells get the same test
+            if embedding is not None and cal_positions is not None and n <= MAX_NEIGHBOURHOOD_CELLS:
+                positions = (self.standardise(np.asarray(embedding, dtype=np.float32)[embedded]), cal_positions)
             d = decide(
                 scores,
                 self.novelty.calibration_scores(names),
@@ -322,12 +333,13 @@ class SpikGPTModel:
                 null_cells=matched,
                 false_unknown=false_unknown,
                 groups=None if labels is None else np.asarray(labels)[embedded],
+                positions=positions,
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown
             removed = d.shift
             n_cal = len(self._calibration_statistic(names))
-            if why := unreachable_unknown(self.smallest_pvalue(names), n_cal, int(embedded.sum()), fdr, false_unknown):
+            if why := unreachable_unknown(d.smallest, n_cal, int(embedded.sum()), fdr, false_unknown):
                 logger.warning(why)
         elif embedded.any():  # uncalibrated model (calibration_fraction=0): nothing is Unknown
             pvalue[embedded], qvalue[embedded], reason[embedded] = 1.0, 1.0, ""

@@ -129,10 +129,26 @@ class NoveltyScorer:
         self._nn = {}
         return self
 
-    def calibrate(self, scores: dict[str, np.ndarray]) -> None:
-        """Store every score (:meth:`raw_scores`) of reference cells no fitted step has seen."""
+    def calibrate(self, scores: dict[str, np.ndarray], embedding: np.ndarray | None = None, *, seed: int = 0) -> None:
+        """Store every score (:meth:`raw_scores`) of reference cells no fitted step has seen.
+
+        ``embedding``: their standardised embedding, the positions of the neighbourhood test
+        (:func:`~spikgpt.openset.decision.neighbourhood_pvalues`); a seeded sample of at most
+        ``max_reference_cells`` is kept. Cross-fitted calibration cells have none: each fold's
+        model places them in its own embedding.
+        """
         for name, v in scores.items():
             self.state[f"cal_{name}"] = v.astype(np.float32)
+        self.state.pop("cal_embedding", None)
+        if embedding is not None:
+            keep = np.arange(len(embedding))
+            if len(keep) > self.max_reference_cells:
+                keep = np.sort(np.random.default_rng(seed).choice(keep, self.max_reference_cells, replace=False))
+            self.state["cal_embedding"] = embedding[keep].astype(np.float32)
+
+    def calibration_positions(self) -> np.ndarray | None:
+        """The calibration cells' standardised embedding, if stored (models since 0.11)."""
+        return self.state.get("cal_embedding")
 
     def calibration_scores(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         """The stored scores ``names`` of the held-out calibration cells."""
