@@ -277,6 +277,10 @@ def test_cross_fitted_calibration_scores_every_cell_and_the_final_model_sees_the
     history = crossfit.summary["history"]
     assert history["n_train"] + history["n_val"] == 123  # the final model fitted on all cells
     assert held_out.summary["calibration"] == {"n_cells": 24, "folds": 1, "accuracy": pytest.approx(1.0, abs=0.1)}
+    # the neighbourhood test needs the calibration cells' positions in the final model's embedding:
+    # held-out cells have them, cross-fitted ones (each placed by its own fold model) do not
+    assert held_out.novelty.calibration_positions().shape == (24, len(held_out.input_mean))
+    assert crossfit.novelty.calibration_positions() is None
     first = held_out.summary["calibration_network"]  # then refitted on all 123 cells
     assert first["n_train"] + first["n_val"] == 99 and held_out.summary["history"]["n_train"] == 123
     with pytest.raises(InputError, match="calibration_folds"):

@@ -35,6 +35,7 @@ def test_save_load_identical_predictions(trained, counts, tmp_path):
     rb = loaded.novelty.raw_scores(loaded.predict(Cells(counts)).outputs)
     for name in ra:
         np.testing.assert_allclose(ra[name], rb[name], rtol=1e-6, err_msg=name)  # BLAS rounding only
+    assert "cal_embedding" in trained.novelty.state  # the neighbourhood test's positions travel too
     for name in trained.novelty.state:
         np.testing.assert_array_equal(trained.novelty.state[name], loaded.novelty.state[name], err_msg=name)
     with pytest.raises(FileExistsError, match="overwrite"):

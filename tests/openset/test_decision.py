@@ -207,3 +207,27 @@ def test_too_few_calibration_cells_are_named_with_the_number_of_cells_an_unknown
         assert decide(query, cal, ("s",), fdr=0.5, shift="none").unknown.sum() == called
     assert "calls no cell" in unreachable_unknown(2 / 13, 12, 200, 0.1, false_unknown=0.05)
     assert unreachable_unknown(2 / 13, 12, 200, 0.1, false_unknown=0.2) == ""
+
+
+def test_a_group_too_weak_cell_by_cell_is_called_through_its_neighbourhood():
+    from spikgpt.openset.decision import MAX_NEIGHBOURHOOD_CELLS, NEIGHBOURS
+
+    rng = np.random.default_rng(0)
+    cal = {"s": rng.gamma(2.0, 1.0, 200)}
+    cal_pos = rng.normal(0, 1, (200, 5))
+    # 10 new cells together, each only as unusual as the top 2 % of known cells: one by one,
+    # Benjamini–Hochberg over 310 cells would need p <= 0.0032 for all ten
+    scores = {"s": np.concatenate([rng.gamma(2.0, 1.0, 300), np.full(10, np.quantile(cal["s"], 0.98))])}
+    pos = np.concatenate([rng.normal(0, 1, (300, 5)), rng.normal(8, 0.3, (10, 5))])
+    alone = decide(scores, cal, ("s",), fdr=0.1, shift="none")
+    assert alone.unknown.sum() == 0 and alone.pvalue[300:].min() > 0.01
+    together = decide(scores, cal, ("s",), fdr=0.1, shift="none", positions=(pos, cal_pos))
+    assert together.unknown[300:].all() and together.unknown[:300].sum() <= 1
+    assert set(together.reason[300:]) == {"neighbourhood"}
+    # known cells keep valid p-values (each test valid, Bonferroni over the two)
+    assert (together.pvalue[:300] <= 0.05).mean() <= 0.07
+    assert NEIGHBOURS == 10 and MAX_NEIGHBOURHOOD_CELLS == 20_000
+    small = decide({"s": scores["s"][:NEIGHBOURS]}, cal, ("s",), shift="none", positions=(pos[:NEIGHBOURS], cal_pos))
+    np.testing.assert_array_equal(
+        small.pvalue, decide({"s": scores["s"][:NEIGHBOURS]}, cal, ("s",), shift="none").pvalue
+    )
