@@ -245,12 +245,14 @@ def test_rare_types_and_tiny_references_train(caplog):
     assert len(small.classes) == 8 and np.isfinite(small.novelty.state["class_logdet_embedding"]).all()
     # 10 calibration cells: the user is told at training and at annotation that Unknown is out of reach
     assert "Only 10 reference cells calibrate" in caplog.text
+    training_log = caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="spikgpt"):
         spikgpt.annotate(query, small, copy=True)
     # own p-values tie with the most extreme of the 10 calibration cells (≥ 2/11); the
-    # neighbourhood's floor is 1/11, doubled by the Bonferroni factor
-    assert small.smallest_pvalue() >= 2 / 11
+    # neighbourhood's floor is 1/11, doubled by the Bonferroni factor: training and annotation agree
+    assert small.smallest_pvalue() == pytest.approx(2 / 11)
+    assert "no p-value can fall below 0.182" in training_log
     assert "calibrated on 10 reference cells, so no p-value is below 0.182" in caplog.text
     assert "no cell can be called Unknown at FDR 0.1 (a call needs at least 110 of the 60 query cells" in caplog.text
     assert "false_unknown >= 0.182" in caplog.text

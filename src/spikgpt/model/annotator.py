@@ -38,6 +38,7 @@ from spikgpt.openset.decision import (
     decide,
     smallest_pvalue,
     unreachable_unknown,
+    with_neighbourhood,
 )
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
 from spikgpt.snn import LIF
@@ -348,10 +349,14 @@ class SpikGPTModel:
     def smallest_pvalue(self, names: tuple[str, ...] | None = None) -> float:
         """The smallest p-value a query cell can get (:func:`~spikgpt.openset.decision.smallest_pvalue`); 0: none.
 
-        ``names``: the scores of the rule (the model's default novelty method when ``None``).
+        With the neighbourhood test where the model has calibration positions (queries of
+        ``NEIGHBOURS + 1`` to ``MAX_NEIGHBOURHOOD_CELLS`` cells). ``names``: the scores of the
+        rule (the model's default novelty method when ``None``).
         """
         names = names or score_names(self.novelty_method, DEFAULT_COMBINATION)
-        return smallest_pvalue(self.novelty.calibration_scores(names), names, self._calibration_statistic(names))
+        own = smallest_pvalue(self.novelty.calibration_scores(names), names, self._calibration_statistic(names))
+        positions = self.novelty.calibration_positions()
+        return own if positions is None else with_neighbourhood(own, len(positions))
 
     def _calibration_statistic(self, names: tuple[str, ...]) -> np.ndarray:
         """Calibration cells' combined statistic for ``names`` (cached: it only depends on the model)."""

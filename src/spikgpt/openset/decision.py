@@ -310,6 +310,15 @@ def neighbourhood_pvalues(
     return np.exp(-neglog_pvalues(around_query, around_calibration))
 
 
+def with_neighbourhood(smallest: float, n_positions: int) -> float:
+    """The smallest p-value once a cell's own (``smallest`` at least) meets its neighbourhood's, by Bonferroni.
+
+    The neighbourhood's floor is ``1 / (n + 1)`` for ``n`` calibration positions too few for a
+    tail, else 0.
+    """
+    return min(1.0, 2.0 * min(smallest, 0.0 if tail_cells(n_positions) else 1.0 / (n_positions + 1.0)))
+
+
 def decide(
     scores: dict[str, np.ndarray],
     calibration: dict[str, np.ndarray],
@@ -375,11 +384,10 @@ def decide(
         p_nb = neighbourhood_pvalues(L, *positions)
         reason = np.where(p_nb < p, "neighbourhood", reason).astype(object)
         p = np.minimum(1.0, 2.0 * np.minimum(p, p_nb))
-        n_cal = len(positions[1])
-        smallest = 2.0 * min(smallest, 0.0 if tail_cells(n_cal) else 1.0 / (n_cal + 1.0))
+        smallest = with_neighbourhood(smallest, len(positions[1]))
     q = bh_qvalues(p)  # ties at p = 0 (beyond float range) are all rejected together, as they should
     unknown = (q <= fdr) & (fdr > 0) if false_unknown is None else (p <= false_unknown) & (false_unknown > 0)
-    return Decision(p, q, unknown, reason, info, min(smallest, 1.0))
+    return Decision(p, q, unknown, reason, info, smallest)
 
 
 def parse_shift(shift: str) -> tuple[str, bool]:
