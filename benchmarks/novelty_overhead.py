@@ -9,7 +9,8 @@ stimulated cells tiled to each ``--n-cells`` and times, in one process, the two 
 - mapping: mutual nearest neighbours between the query (a ≤ 5,000-cell sample) and the stored
   reference sample, a few rounds;
 - novelty: the default scores against the stored reference statistics (the off-subspace
-  residual re-reads the query's genes), conformal p-values and Benjamini–Hochberg.
+  residual re-reads the query's genes), conformal p-values, the shift correction, the
+  neighbourhood test (queries of at most 20,000 cells, since 0.11) and Benjamini–Hochberg.
 
 The issues' targets: novelty ≤ 20 %, mapping ≤ 25 % of the classification time. Best of ``--repeats`` runs.
 ``--reference-cells`` tiles the reference first, so that the stored kNN sample reaches its full
@@ -62,12 +63,15 @@ def time_parts(model: spikgpt.SpikGPTModel, cells: Cells, repeats: int) -> dict[
         # over a plain transform is charged to novelty
         _, out.residual = model.embedder.embed(cells) if "pca_residual" in names else (None, None)
         t4 = time.perf_counter()
-        decide(
+        positions = model.novelty.calibration_positions()
+        decide(  # as SpikGPTModel.decide_unknown calls it: type-by-type shift, neighbourhoods
             model.novelty.raw_scores(out, names),
             model.novelty.calibration_scores(names),
             names,
             calibration_statistics=model._calibration_statistic(names),
             shift=model.shift,
+            groups=out.probs.argmax(axis=1),
+            positions=None if positions is None else (model.standardise(E.astype(np.float32)), positions),
         )
         t5 = time.perf_counter()
         residual_extra = max((t4 - t3) - (t1 - t0), 0.0) if "pca_residual" in names else 0.0
