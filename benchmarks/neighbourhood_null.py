@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 from novelty_cache import closed_tasks, scenarios
 from novelty_decision import objective
-from sklearn.neighbors import NearestNeighbors
 
 from spikgpt.api import labels_of
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT
@@ -45,6 +44,7 @@ from spikgpt.openset.decision import (
     combined_statistic,
     decide,
     neglog_pvalues,
+    neighbourhood_pvalues,
     shift_correction,
 )
 from spikgpt.openset.novelty import DEFAULT_COMBINATION as NAMES
@@ -85,14 +85,6 @@ def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=sli
     }
 
 
-def neighbourhood_means(Zq: np.ndarray, L: np.ndarray, Z: np.ndarray, ms: tuple[int, ...], in_query: bool) -> dict:
-    """Mean of ``L`` over the ``m`` nearest query cells of every row of ``Z`` (itself left out when a query cell)."""
-    extra = 1 if in_query else 0
-    _, idx = NearestNeighbors(n_neighbors=min(max(ms) + extra, len(Zq))).fit(Zq).kneighbors(Z)
-    idx = idx[:, extra:]
-    return {m: L[idx[:, :m]].mean(axis=1) for m in ms}
-
-
 def pvalues(sc: dict, idx: np.ndarray, ms: tuple[int, ...]) -> np.ndarray:
     """The default rule's p-values of query cells ``idx``, with the neighbourhood tests ``ms`` (Bonferroni).
 
@@ -109,11 +101,7 @@ def pvalues(sc: dict, idx: np.ndarray, ms: tuple[int, ...]) -> np.ndarray:
             positions=(sc["Zq"][idx], sc["Zc"]) if ms else None,
         ).pvalue
     L, _ = shift_correction(sc["L"][idx], "gated_by_type", None, sc["pred"][idx])
-    tests = [np.exp(-L)]
-    if ms:
-        Zq = sc["Zq"][idx]
-        query, cal = neighbourhood_means(Zq, L, Zq, ms, True), neighbourhood_means(Zq, L, sc["Zc"], ms, False)
-        tests += [np.exp(-neglog_pvalues(query[m], cal[m])) for m in ms]
+    tests = [np.exp(-L)] + [neighbourhood_pvalues(L, sc["Zq"][idx], sc["Zc"], m) for m in ms]
     return np.minimum(1.0, len(tests) * np.min(tests, axis=0))
 
 
