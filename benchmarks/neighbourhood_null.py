@@ -53,17 +53,24 @@ SIZES = (3, 10, 30, None)
 
 
 def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=slice(None)) -> dict:
-    """The default rule's ``−log p`` before shift correction, predictions and positions of query and calibration."""
-    y, _ = labels_of(ref, key)
-    _, cal_idx = stratified_split(y, 0.2, min_cells=MIN_SPLIT_CELLS, seed=seed)
-    E_cal, r_cal = model.embedder.embed(Cells(ref[cal_idx], **kw))
-    out = model.outputs(E_cal)
-    out.residual = r_cal
+    """The default rule's ``−log p`` before shift correction, predictions and positions of query and calibration.
+
+    Models since 0.11 store their calibration cells' positions; for older ones the calibration
+    cells are rebuilt from ``ref`` (0.2 held out, as those versions did) and checked.
+    """
     stored = model.novelty.calibration_scores(NAMES)
-    rebuilt = model.novelty.raw_scores(out, NAMES)
-    if not all(np.allclose(rebuilt[n], stored[n], rtol=1e-4, atol=1e-5) for n in NAMES):
-        msg = "calibration cells not reproduced: the cache was made with other code or data"
-        raise RuntimeError(msg)
+    cal_positions = model.novelty.calibration_positions()
+    if cal_positions is None:
+        y, _ = labels_of(ref, key)
+        _, cal_idx = stratified_split(y, 0.2, min_cells=MIN_SPLIT_CELLS, seed=seed)
+        E_cal, r_cal = model.embedder.embed(Cells(ref[cal_idx], **kw))
+        out = model.outputs(E_cal)
+        out.residual = r_cal
+        rebuilt = model.novelty.raw_scores(out, NAMES)
+        if not all(np.allclose(rebuilt[n], stored[n], rtol=1e-4, atol=1e-5) for n in NAMES):
+            msg = "calibration cells not reproduced: the cache was made with other code or data"
+            raise RuntimeError(msg)
+        cal_positions = out.embedding
     E = z["q_embedding"][rows]
     ok = np.isfinite(E).all(axis=1)
     E = E[ok]
@@ -80,7 +87,7 @@ def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=sli
         "L": neglog_pvalues(stat, cal_stat),
         "pred": q.probs.argmax(axis=1),
         "Zq": q.embedding,
-        "Zc": out.embedding,
+        "Zc": cal_positions,
         "unseen": ~np.isin(z["q_truth"][rows][ok], model.classes),
     }
 
@@ -150,6 +157,83 @@ def load(cache: Path, closed: bool, data_root: Path) -> list[dict]:
     return out
 
 
+def summarise(open_set: list[dict], closed: list[dict], ms: tuple[int, ...]) -> dict[str, dict]:
+    """Per dataset: recall by subsample size, false Unknown, FDR and the closed-set worst false Unknown."""
+    res = {}
+    for d in sorted({sc["dataset"] for sc in open_set}):
+        rows = [r for sc in open_set if sc["dataset"] == d for r in evaluate(sc, ms, DEFAULT_FDR)]
+        by = {s: np.mean([r["recall"] for r in rows if r["size"] == s]) for s in (3, 10, 30, "all")}
+        by = {s: v for s, v in by.items() if np.isfinite(v)}
+        sizes = [s for s in (3, 10, 30, "all") if s in by]
+        cw = [evaluate(sc, ms, DEFAULT_FDR, sizes=(None,))[0]["false_unknown"] for sc in closed if sc["dataset"] == d]
+        res[d] = {
+            "recall": float(np.mean(list(by.values()))),
+            **{f"recall_{s}": float(v) for s, v in by.items()},
+            "false_unknown": size_mean(rows, "false_unknown", sizes),
+            "worst_false_unknown": float(max(x["false_unknown"] for x in rows)),
+            "fdr": size_mean(rows, "fdr", sizes),
+            "closed_worst_false_unknown": float(max(cw)) if cw else float("nan"),
+        }
+    return res
+
+
+TABLE_HEAD = [
+    "| rule | dataset | recall | 3 cells | 10 cells | 30 cells | all | false Unknown | worst | FDR | closed worst |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def table_rows(name: str, res: dict[str, dict]) -> list[str]:
+    """Markdown rows of :func:`summarise`'s result, one per dataset and their mean."""
+    lines = []
+    for d, r in res.items():
+        by = [f"{r[f'recall_{s}']:.2f}" if f"recall_{s}" in r else "–" for s in (3, 10, 30, "all")]
+        lines.append(
+            f"| {name} | {d} | {r['recall']:.3f} | "
+            + " | ".join(by)
+            + f" | {r['false_unknown']:.4f} | {r['worst_false_unknown']:.3f} | {r['fdr']:.3f} | "
+            f"{r['closed_worst_false_unknown']:.3f} |"
+        )
+    m = {k: np.mean([v[k] for v in res.values()]) for k in ("recall", "false_unknown", "fdr")}
+    worst = np.nanmax([v["closed_worst_false_unknown"] for v in res.values()])
+    lines.append(
+        f"| **{name}** | **mean** | **{m['recall']:.3f}** | | | | | {m['false_unknown']:.4f} | "
+        f"{max(v['worst_false_unknown'] for v in res.values()):.3f} | {m['fdr']:.3f} | {worst:.3f} |"
+    )
+    return lines
+
+
+def lodo_lines(res: dict[str, dict[str, dict]], datasets: list[str]) -> list[str]:
+    """Leave-one-dataset-out over the rules of ``res`` (novelty_decision.py's objective), as markdown."""
+
+    def score(k: str, among: list[str]) -> float:
+        cw = [res[k][x]["closed_worst_false_unknown"] for x in among]
+        return objective([res[k][x] for x in among], DEFAULT_FDR, [w for w in cw if np.isfinite(w)])
+
+    lines = [
+        "",
+        "Leave-one-dataset-out over these rules (novelty_decision.py's objective, closed-set worst included):",
+        "",
+        "| left out | chosen on the others | recall | false Unknown | FDR | closed worst |",
+        "|---|---|---|---|---|---|",
+    ]
+    held = []
+    for d in datasets:
+        best = max(res, key=lambda k: score(k, [x for x in datasets if x != d]))
+        r = res[best][d]
+        held.append(r)
+        lines.append(
+            f"| {d} | {best} | {r['recall']:.3f} | {r['false_unknown']:.4f} | {r['fdr']:.3f} | "
+            f"{r['closed_worst_false_unknown']:.3f} |"
+        )
+    m = {k: np.nanmean([r[k] for r in held]) for k in ("recall", "false_unknown", "fdr", "closed_worst_false_unknown")}
+    lines.append(
+        f"| **mean** | | **{m['recall']:.3f}** | {m['false_unknown']:.4f} | {m['fdr']:.3f} | "
+        f"{m['closed_worst_false_unknown']:.3f} |"
+    )
+    return [*lines, "", f"Chosen on all datasets: `{max(res, key=lambda k: score(k, datasets))}`."]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, required=True, help="open-set cache (novelty_cache.py)")
@@ -169,74 +253,12 @@ def main() -> None:
         "recall: share of unseen cells called Unknown, mean over subsample sizes 3, 10, 30, all (5 draws each); "
         "closed worst: worst false Unknown over the closed-set cache's tasks, seeds and query variants.",
         "",
-        "| rule | dataset | recall | 3 cells | 10 cells | 30 cells | all | false Unknown | worst | FDR "
-        "| closed worst |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *TABLE_HEAD,
     ]
     for name, ms in rules.items():
-        res[name] = {}
-        for d in datasets:
-            rows = [r for sc in open_set if sc["dataset"] == d for r in evaluate(sc, ms, DEFAULT_FDR)]
-            by = {s: np.mean([r["recall"] for r in rows if r["size"] == s]) for s in (3, 10, 30, "all")}
-            by = {s: v for s, v in by.items() if np.isfinite(v)}
-            sizes = [s for s in (3, 10, 30, "all") if s in by]
-            cw = [
-                evaluate(sc, ms, DEFAULT_FDR, sizes=(None,))[0]["false_unknown"] for sc in closed if sc["dataset"] == d
-            ]
-            r = res[name][d] = {
-                "recall": float(np.mean(list(by.values()))),
-                **{f"recall_{s}": float(v) for s, v in by.items()},
-                "false_unknown": size_mean(rows, "false_unknown", sizes),
-                "worst_false_unknown": float(max(x["false_unknown"] for x in rows)),
-                "fdr": size_mean(rows, "fdr", sizes),
-                "closed_worst_false_unknown": float(max(cw)) if cw else float("nan"),
-            }
-            lines.append(
-                f"| {name} | {d} | {r['recall']:.3f} | "
-                + " | ".join(f"{by[s]:.2f}" if s in by else "–" for s in (3, 10, 30, "all"))
-                + f" | {r['false_unknown']:.4f} | {r['worst_false_unknown']:.3f} | {r['fdr']:.3f} | "
-                f"{r['closed_worst_false_unknown']:.3f} |"
-            )
-        m = {k: np.mean([v[k] for v in res[name].values()]) for k in ("recall", "false_unknown", "fdr")}
-        worst = max(v["closed_worst_false_unknown"] for v in res[name].values())
-        lines.append(
-            f"| **{name}** | **mean** | **{m['recall']:.3f}** | | | | | {m['false_unknown']:.4f} | "
-            f"{max(v['worst_false_unknown'] for v in res[name].values()):.3f} | {m['fdr']:.3f} | {worst:.3f} |"
-        )
-    lines += [
-        "",
-        "Leave-one-dataset-out over these rules (novelty_decision.py's objective, closed-set worst included):",
-        "",
-        "| left out | chosen on the others | recall | false Unknown | FDR | closed worst |",
-        "|---|---|---|---|---|---|",
-    ]
-    held = []
-    for d in datasets:
-        others = [x for x in datasets if x != d]
-        best = max(
-            rules,
-            key=lambda k: objective(
-                [res[k][x] for x in others], DEFAULT_FDR, [res[k][x]["closed_worst_false_unknown"] for x in others]
-            ),
-        )
-        held.append(res[best][d])
-        r = res[best][d]
-        lines.append(
-            f"| {d} | {best} | {r['recall']:.3f} | {r['false_unknown']:.4f} | {r['fdr']:.3f} | "
-            f"{r['closed_worst_false_unknown']:.3f} |"
-        )
-    m = {k: np.mean([r[k] for r in held]) for k in ("recall", "false_unknown", "fdr", "closed_worst_false_unknown")}
-    lines.append(
-        f"| **mean** | | **{m['recall']:.3f}** | {m['false_unknown']:.4f} | {m['fdr']:.3f} | "
-        f"{m['closed_worst_false_unknown']:.3f} |"
-    )
-    everywhere = max(
-        rules,
-        key=lambda k: objective(
-            list(res[k].values()), DEFAULT_FDR, [v["closed_worst_false_unknown"] for v in res[k].values()]
-        ),
-    )
-    lines += ["", f"Chosen on all datasets: `{everywhere}`."]
+        res[name] = summarise(open_set, closed, ms)
+        lines += table_rows(name, res[name])
+    lines += lodo_lines(res, datasets)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

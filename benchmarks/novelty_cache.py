@@ -12,6 +12,10 @@ Scenarios (dataset: scenarios):
 - ifnb: control → stimulated and back, each type (≥ 20 cells) left out in turn;
 - mesc: batch2 → batch3 and back, each condition left out in turn.
 
+``--reference-cells N`` trains on a seeded, stratified sample of N reference cells (as
+``spikgpt bench --reference-cells``); ``--min-calibration-cells`` sets
+:data:`spikgpt.model.training.MIN_CALIBRATION_CELLS` for the run.
+
 With ``--closed`` it caches the closed-set bench tasks instead (``spikgpt bench``'s, every type
 in the reference; each with its composition-shifted query variants' rows), for the false Unknown
 a rule gives across seeds: ``--closed --seeds 0 1 2 3 4``.
@@ -32,8 +36,9 @@ from sklearn.model_selection import train_test_split
 
 import spikgpt
 from spikgpt.bench.run import query_variants
-from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS
+from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS, subsample_reference
 from spikgpt.data import Cells
+from spikgpt.model import training
 
 
 def scenarios(data_root: Path):
@@ -115,7 +120,13 @@ def main() -> None:
     p.add_argument("--embedder", default="default", help="embedder spec, e.g. default:hvg (default: the package's)")
     p.add_argument("--calibration-folds", type=int, default=1, help="spikgpt.train(calibration_folds=...)")
     p.add_argument("--closed", action="store_true", help="the closed-set bench tasks and their query variants")
+    p.add_argument("--reference-cells", type=int, default=None, help="subsample every reference (seeded, stratified)")
+    p.add_argument(
+        "--min-calibration-cells", type=int, default=None, help="spikgpt.model.training.MIN_CALIBRATION_CELLS"
+    )
     args = p.parse_args()
+    if args.min_calibration_cells is not None:
+        training.MIN_CALIBRATION_CELLS = args.min_calibration_cells
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.closed:
@@ -129,6 +140,8 @@ def main() -> None:
         if f.exists():
             continue
         t0 = time.perf_counter()
+        if args.reference_cells:
+            ref = subsample_reference(ref, key, args.reference_cells, seed)
         model = spikgpt.train(
             ref,
             key,

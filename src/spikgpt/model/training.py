@@ -141,6 +141,25 @@ def stratified_split(
     return idx[~mask], idx[mask]
 
 
+#: Fewest calibration cells held out when a fifth of the reference is fewer, up to a third of the
+#: splittable cells. Set by :func:`calibration_split`; see its docs for why.
+MIN_CALIBRATION_CELLS = 0
+
+
+def calibration_split(
+    y: np.ndarray, fraction: float, *, min_cells: int, seed: int, minimum: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fitted and calibration cells of a reference: :func:`stratified_split` with a floor on the held-out cells.
+
+    At least ``minimum`` (default :data:`MIN_CALIBRATION_CELLS`) cells are held out, but never
+    more than a third of the splittable cells.
+    """
+    minimum = MIN_CALIBRATION_CELLS if minimum is None else minimum
+    counts = np.bincount(y)
+    splittable = int((counts[y] >= max(min_cells, 2)).sum())
+    return stratified_split(y, fraction, min_cells=min_cells, seed=seed, minimum=min(minimum, splittable // 3))
+
+
 def stratified_folds(y: np.ndarray, k: int, *, min_cells: int, seed: int) -> np.ndarray:
     """Assign every cell to one of ``k`` folds, stratified by class.
 
