@@ -231,3 +231,15 @@ def test_a_group_too_weak_cell_by_cell_is_called_through_its_neighbourhood():
     np.testing.assert_array_equal(
         small.pvalue, decide({"s": scores["s"][:NEIGHBOURS]}, cal, ("s",), shift="none").pvalue
     )
+
+
+def test_the_gate_decides_when_a_moderate_shift_is_corrected():
+    rng = np.random.default_rng(8)
+    L = rng.exponential(size=2000) + 0.7  # median −log p ~0.7 above the null's log 2
+    excess = np.median(L) - np.log(2)
+    assert 0.5 < excess < 1.0
+    _, high = shift_correction(L, "gated", gate=1.0)
+    corrected, low = shift_correction(L, "gated", gate=0.5)
+    assert high["location"] == 0 and low["location"] == pytest.approx(excess)
+    assert (corrected <= L).all() and np.median(corrected) == pytest.approx(np.log(2))
+    assert shift_correction(L, "gated")[1] == low  # the default gate is 0.5 (0.11: 1)
