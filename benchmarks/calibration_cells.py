@@ -2,8 +2,8 @@
 
 With a fifth of a 100-cell reference held out, the Unknown rule calibrates on 20 cells: too few
 for the exponential tail (``MIN_TAIL_CELLS``), so no p-value is below ``2 / 21`` and
-Benjamini–Hochberg calls nothing Unknown. Holding out more cells (at least
-:data:`spikgpt.model.training.MIN_CALIBRATION_CELLS`, never more than a third) gives the tail
+Benjamini–Hochberg calls nothing Unknown. Holding out more cells (``novelty_cache.py
+--min-calibration-cells``, never more than a third) gives the tail
 its cells at the price of fewer cells for the embedder (the classifier is refitted on every
 cell either way).
 

@@ -13,8 +13,9 @@ Scenarios (dataset: scenarios):
 - mesc: batch2 → batch3 and back, each condition left out in turn.
 
 ``--reference-cells N`` trains on a seeded, stratified sample of N reference cells (as
-``spikgpt bench --reference-cells``); ``--min-calibration-cells`` sets
-:data:`spikgpt.model.training.MIN_CALIBRATION_CELLS` for the run.
+``spikgpt bench --reference-cells``); ``--min-calibration-cells N`` holds out at least N
+calibration cells, never more than a third of the splittable ones (through ``spikgpt.train``'s
+``calibration_fraction``).
 
 With ``--closed`` it caches the closed-set bench tasks instead (``spikgpt bench``'s, every type
 in the reference; each with its composition-shifted query variants' rows), for the false Unknown
@@ -38,7 +39,7 @@ import spikgpt
 from spikgpt.bench.run import query_variants
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS, subsample_reference
 from spikgpt.data import Cells
-from spikgpt.model import training
+from spikgpt.model.training import MIN_SPLIT_CELLS
 
 
 def scenarios(data_root: Path):
@@ -99,6 +100,16 @@ def closed_tasks(data_root: Path, seed: int):
         yield name.split("_")[0], name, ref, query, t.label_key, t.input_kw, rows
 
 
+def calibration_fraction(labels, minimum: int, fraction: float = 0.2) -> float:
+    """``fraction``, or the larger share that holds out ``minimum`` cells (at most a third) of the splittable ones.
+
+    Splittable: cells of types with at least ``MIN_SPLIT_CELLS`` cells (``spikgpt.train``'s default).
+    """
+    counts = labels.astype(str).value_counts()
+    splittable = int(counts[counts >= MIN_SPLIT_CELLS].sum())
+    return max(fraction, min(minimum, splittable // 3) / splittable) if splittable else fraction
+
+
 def cache_one(model, query, label_key, input_kw) -> dict:
     """The query's embedding (before the model's scaling), truth and the model's classes."""
     cells = Cells(query, **input_kw)
@@ -121,12 +132,8 @@ def main() -> None:
     p.add_argument("--calibration-folds", type=int, default=1, help="spikgpt.train(calibration_folds=...)")
     p.add_argument("--closed", action="store_true", help="the closed-set bench tasks and their query variants")
     p.add_argument("--reference-cells", type=int, default=None, help="subsample every reference (seeded, stratified)")
-    p.add_argument(
-        "--min-calibration-cells", type=int, default=None, help="spikgpt.model.training.MIN_CALIBRATION_CELLS"
-    )
+    p.add_argument("--min-calibration-cells", type=int, default=0, help="hold out at least this many (at most a third)")
     args = p.parse_args()
-    if args.min_calibration_cells is not None:
-        training.MIN_CALIBRATION_CELLS = args.min_calibration_cells
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.closed:
@@ -149,6 +156,7 @@ def main() -> None:
             seed=seed,
             progress=False,
             calibration_folds=args.calibration_folds,
+            calibration_fraction=calibration_fraction(ref.obs[key], args.min_calibration_cells),
             **kw,
         )
         data = cache_one(model, query, key, kw)

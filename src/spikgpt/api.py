@@ -27,10 +27,10 @@ from spikgpt.model.training import (
     MIN_SPLIT_CELLS,
     TrainConfig,
     batch_size,
-    calibration_split,
     cpu_settings,
     fit_network,
     stratified_folds,
+    stratified_split,
 )
 from spikgpt.openset import DEFAULT_FDR, UNKNOWN, check_false_unknown, check_fdr, reject
 from spikgpt.openset.decision import check_shift
@@ -369,7 +369,7 @@ def _train(
             correct, positions = np.concatenate([p[1] for p in parts]), None
             how = f"out-of-fold in {k}-fold cross-fitting"
         else:
-            fit_idx, cal_idx = calibration_split(y, calibration_fraction, min_cells=min_cells_per_class, seed=seed)
+            fit_idx, cal_idx = stratified_split(y, calibration_fraction, min_cells=min_cells_per_class, seed=seed)
             if len(cal_idx):
                 model = _fit_scored(cells.subset(fit_idx), y[fit_idx], classes, **fit, progress=progress)
                 scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])

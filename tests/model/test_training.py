@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from spikgpt.model.network import NetworkConfig
-from spikgpt.model.training import TrainConfig, calibration_split, fit_network, stratified_folds, stratified_split
+from spikgpt.model.training import TrainConfig, fit_network, stratified_folds, stratified_split
 
 FIT = {"seed": 0, "progress": False}
 
@@ -39,15 +39,6 @@ def test_split_holds_out_the_share_and_never_a_rare_type(fraction):
     kept, held = stratified_split(y, fraction, min_cells=5, seed=0)
     assert len(np.intersect1d(kept, held)) == 0 and len(kept) + len(held) == len(y)
     assert len(held) == round(fraction * 150) and not (y[held] == 2).any()
-
-
-@pytest.mark.parametrize(("n", "expected"), [(96, 25), (200, 40), (60, 20), (40, 13)])
-def test_calibration_split_holds_out_at_least_the_floor_but_never_over_a_third(n, expected):
-    y = np.repeat([0, 1], [n // 2, n - n // 2])
-    kept, held = calibration_split(y, 0.2, min_cells=5, seed=0, minimum=25)
-    assert len(held) == expected and len(kept) + len(held) == n
-    assert abs((y[held] == 0).sum() - (y[held] == 1).sum()) <= 1  # still stratified
-    assert len(calibration_split(y, 0.2, min_cells=5, seed=0, minimum=0)[1]) == round(0.2 * n)
 
 
 def test_weight_averaging_keeps_an_average_that_differs_from_the_raw_weights_and_is_seeded():

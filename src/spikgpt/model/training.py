@@ -141,27 +141,6 @@ def stratified_split(
     return idx[~mask], idx[mask]
 
 
-#: Fewest calibration cells held out when a fifth of the reference is fewer, up to a third of the
-#: splittable cells (:func:`calibration_split`). Off: on 100-cell references 25 calibration cells
-#: fit the exponential tail to 5 and called 33 % of unseen cells at an FDR of 0.28, up to 31 % of
-#: a closed-set query's known cells (benchmarks/calibration_cells.py; README, small references).
-MIN_CALIBRATION_CELLS = 0
-
-
-def calibration_split(
-    y: np.ndarray, fraction: float, *, min_cells: int, seed: int, minimum: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fitted and calibration cells of a reference: :func:`stratified_split` with a floor on the held-out cells.
-
-    At least ``minimum`` (default :data:`MIN_CALIBRATION_CELLS`) cells are held out, but never
-    more than a third of the splittable cells.
-    """
-    minimum = MIN_CALIBRATION_CELLS if minimum is None else minimum
-    counts = np.bincount(y)
-    splittable = int((counts[y] >= max(min_cells, 2)).sum())
-    return stratified_split(y, fraction, min_cells=min_cells, seed=seed, minimum=min(minimum, splittable // 3))
-
-
 def stratified_folds(y: np.ndarray, k: int, *, min_cells: int, seed: int) -> np.ndarray:
     """Assign every cell to one of ``k`` folds, stratified by class.
 
