@@ -308,8 +308,9 @@ def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_u
     assert "calibration_network" not in held_out.summary
     a = spikgpt.annotate(query, refit, copy=True).obs
     b = spikgpt.annotate(query, held_out, copy=True).obs
-    # the default novelty scores do not depend on the classifier: same p-values, same Unknown
-    np.testing.assert_array_equal(a["spikgpt_pvalue"], b["spikgpt_pvalue"])
+    # the default novelty scores do not depend on the classifier: same p-values (to rounding: some
+    # CPUs' BLAS sums depend on memory alignment, 1e-9 relative measured on an AMD EPYC), same Unknown
+    np.testing.assert_allclose(a["spikgpt_pvalue"], b["spikgpt_pvalue"], rtol=1e-7, atol=0)
     assert (a["spikgpt_label"] == "Unknown").equals(b["spikgpt_label"] == "Unknown")
     assert (a["spikgpt_raw_label"].astype(str) != b["spikgpt_raw_label"].astype(str)).mean() < 0.2
     # at least refit_min_steps optimiser steps (5 per epoch here), within max_epochs

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from spikgpt.model import NetworkConfig, SpikingTransformer, TrainConfig
+from spikgpt.model.network import HostDropout
 from spikgpt.snn import LIF
 
 
@@ -35,3 +36,22 @@ def test_configs_round_trip_and_reject_unknown_keys():
         TrainConfig.from_dict({"lr": 1e-3, "epochs": 3})
     with pytest.raises(ValueError, match="tokenization"):
         NetworkConfig(in_dim=5, n_classes=2, tokenization="patch")
+
+
+def test_host_dropout_is_torch_dropout_on_the_cpu():
+    x = torch.randn(4, 8, 16)
+    torch.manual_seed(3)
+    expected = torch.nn.Dropout(0.3).train()(x)
+    torch.manual_seed(3)
+    got = HostDropout(0.3).train()(x)
+    assert torch.equal(got, expected)
+    assert (got == 0).any()  # it did drop
+    assert torch.equal(HostDropout(0.3).eval()(x), x)
+    assert torch.equal(HostDropout(1.0).train()(x), torch.zeros_like(x))
+    # The mask comes from the CPU generator: the next CPU draw is advanced by exactly one mask.
+    torch.manual_seed(3)
+    HostDropout(0.3).train()(x)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    torch.empty(x.shape).bernoulli_(0.7)
+    assert torch.equal(after, torch.rand(1))

@@ -129,6 +129,23 @@ class Block(nn.Module):
         return u + self.mlp(self.mlp_in(u))
 
 
+class HostDropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is drawn by the CPU's default generator on every device.
+
+    On the CPU it is ``nn.Dropout`` bit for bit; on a GPU it applies the masks the CPU would,
+    so one seed trains the same network on both, up to the order of float reductions (the GPU's
+    own generator would make the GPU run a different seed).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not self.training or self.p == 0 or x.numel() == 0:
+            return x
+        if self.p == 1:
+            return x * 0
+        noise = torch.empty(x.shape, dtype=x.dtype).bernoulli_(1 - self.p).div_(1 - self.p)
+        return x * noise.to(x.device)
+
+
 class SpikingTransformer(nn.Module):
     """The classifier; ``forward`` returns logits per time step ``[T, B, C]``."""
 
@@ -139,7 +156,7 @@ class SpikingTransformer(nn.Module):
         self.tokenizer = Tokenizer(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.out_lif = activation(cfg.spiking, tau=cfg.tau)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = HostDropout(cfg.dropout)
         self.head = nn.Linear(cfg.dim, cfg.n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
