@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from synthetic import synthetic_counts
+from synthetic import FAST, synthetic_counts
 
 import spikgpt
 from spikgpt import api as api_module
@@ -167,12 +167,14 @@ def test_obsm_embedder_model_streams(tmp_path):
     query = synthetic_counts({"A": 30, "B": 30, "C": 20}, seed=2)
     for a in (ref, query):
         a.obsm["X_emb"] = np.asarray(a.X[:, :24].todense(), dtype=np.float32)  # the marker blocks
-    model = spikgpt.train(ref, "cell_type", embedder="obsm:X_emb", progress=False, seed=0)
+    model = spikgpt.train(ref, "cell_type", embedder="obsm:X_emb", train_config=FAST, progress=False, seed=0)
     query.write_h5ad(tmp_path / "q.h5ad")
     ref.write_h5ad(tmp_path / "r.h5ad")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(api_module, "STREAM_REFERENCE_CELLS", 100)  # the reference file streams too
-        streamed = spikgpt.train(tmp_path / "r.h5ad", "cell_type", embedder="obsm:X_emb", progress=False, seed=0)
+        streamed = spikgpt.train(
+            tmp_path / "r.h5ad", "cell_type", embedder="obsm:X_emb", train_config=FAST, progress=False, seed=0
+        )
     assert streamed.embedder.spec == "obsm:X_emb"
     annotate_file(tmp_path / "q.h5ad", model, tmp_path / "o.h5ad", chunk_size=33, progress=False)
     _assert_same(ad.read_h5ad(tmp_path / "o.h5ad"), spikgpt.annotate(query, model, copy=True, progress=False))
