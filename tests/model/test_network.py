@@ -39,12 +39,15 @@ def test_configs_round_trip_and_reject_unknown_keys():
 
 
 def test_host_dropout_is_torch_dropout_on_the_cpu():
-    x = torch.randn(4, 8, 16)
+    x = torch.randn(4, 8, 16, requires_grad=True)
+    grad = torch.randn(4, 8, 16)
     torch.manual_seed(3)
     expected = torch.nn.Dropout(0.3).train()(x)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
     torch.manual_seed(3)
     got = HostDropout(0.3).train()(x)
-    assert torch.equal(got, expected)
+    (got_grad,) = torch.autograd.grad(got, x, grad)
+    assert torch.equal(got, expected) and torch.equal(got_grad, expected_grad)
     assert (got == 0).any()  # it did drop
     assert torch.equal(HostDropout(0.3).eval()(x), x)
     assert torch.equal(HostDropout(1.0).train()(x), torch.zeros_like(x))
