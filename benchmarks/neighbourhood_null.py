@@ -17,7 +17,9 @@ rebuilt: the reference is regenerated, split with the model's seed as :func:`spi
 splits it, and embedded; the stored calibration scores must be reproduced (checked).
 
 Usage: ``python benchmarks/neighbourhood_null.py --cache DIR --closed-cache DIR2 --neighbours 10 5 2,5,10
---out benchmarks/results/neighbourhood_null``
+--out benchmarks/results/neighbourhood_null``; ``--gates`` and ``--shifts`` add rules; ``--pool
+OLD/results.json`` repeats the leave-one-dataset-out choice on these results pooled with a
+replicate run's (caches built on another machine).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from spikgpt.model import SpikGPTModel
 from spikgpt.model.training import MIN_SPLIT_CELLS, stratified_split
 from spikgpt.openset.decision import (
     DEFAULT_FDR,
+    DEFAULT_SHIFT,
     GATE,
     NEIGHBOURS,
     bh_qvalues,
@@ -46,6 +49,7 @@ from spikgpt.openset.decision import (
     decide,
     neglog_pvalues,
     neighbourhood_pvalues,
+    parse_shift,
     shift_correction,
 )
 from spikgpt.openset.novelty import DEFAULT_COMBINATION as NAMES
@@ -75,7 +79,8 @@ def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=sli
     E = z["q_embedding"][rows]
     ok = np.isfinite(E).all(axis=1)
     E = E[ok]
-    E = E - model.map_query(E).shift * model.input_std
+    mapped = model.map_query(E)
+    E = E - mapped.shift * model.input_std
     q = model.outputs(E)
     q.residual = z["q_residual"][rows][ok]
     scores = model.novelty.raw_scores(q, NAMES)
@@ -90,15 +95,19 @@ def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=sli
         "Zq": q.embedding,
         "Zc": cal_positions,
         "unseen": ~np.isin(z["q_truth"][rows][ok], model.classes),
+        "matched": mapped.matched,
     }
 
 
-def pvalues(sc: dict, idx: np.ndarray, ms: tuple[int, ...], gate: float = GATE) -> np.ndarray:
-    """The default rule's p-values of query cells ``idx``, with the neighbourhood tests ``ms`` (Bonferroni).
+def pvalues(
+    sc: dict, idx: np.ndarray, ms: tuple[int, ...], gate: float = GATE, shift: str = DEFAULT_SHIFT
+) -> np.ndarray:
+    """The rule's p-values of query cells ``idx``, with the neighbourhood tests ``ms`` (Bonferroni).
 
     No test, or the package's (``ms == (NEIGHBOURS,)``), at the package's ``gate``:
-    :func:`spikgpt.openset.decision.decide` itself, so those rows are the package's rule; other
-    sizes and gates are computed here the same way.
+    :func:`spikgpt.openset.decision.decide` itself with ``shift`` (``@matched``: estimated on the
+    cells the query mapping matched, as :func:`spikgpt.annotate` passes them), so those rows are
+    the package's rule; other sizes and gates are computed here the same way.
     """
     if ms in ((), (NEIGHBOURS,)) and gate == GATE:
         return decide(
@@ -106,15 +115,27 @@ def pvalues(sc: dict, idx: np.ndarray, ms: tuple[int, ...], gate: float = GATE) 
             sc["calibration"],
             NAMES,
             calibration_statistics=sc["calibration_statistic"],
+            shift=shift,
+            null_cells=sc["matched"][idx],
             groups=sc["pred"][idx],
             positions=(sc["Zq"][idx], sc["Zc"]) if ms else None,
         ).pvalue
-    L, _ = shift_correction(sc["L"][idx], "gated_by_type", None, sc["pred"][idx], gate=gate)
+    mode, on_matched = parse_shift(shift)
+    null_cells = sc["matched"][idx] if on_matched else None
+    L, _ = shift_correction(sc["L"][idx], mode, null_cells, sc["pred"][idx], gate=gate)
     tests = [np.exp(-L)] + [neighbourhood_pvalues(L, sc["Zq"][idx], sc["Zc"], m) for m in ms]
     return np.minimum(1.0, len(tests) * np.min(tests, axis=0))
 
 
-def evaluate(sc: dict, ms: tuple[int, ...], fdr: float, sizes=SIZES, draws: int = 5, gate: float = GATE) -> list[dict]:
+def evaluate(
+    sc: dict,
+    ms: tuple[int, ...],
+    fdr: float,
+    sizes=SIZES,
+    draws: int = 5,
+    gate: float = GATE,
+    shift: str = DEFAULT_SHIFT,
+) -> list[dict]:
     """Recall, false Unknown and FDR on one scenario for each subsample size of its unseen cells."""
     unseen = sc["unseen"]
     ui, ki = np.flatnonzero(unseen), np.flatnonzero(~unseen)
@@ -125,7 +146,7 @@ def evaluate(sc: dict, ms: tuple[int, ...], fdr: float, sizes=SIZES, draws: int 
         for d in range(1 if size is None else draws):
             pick = ui if size is None else np.random.default_rng(d).choice(ui, size, replace=False)
             idx = np.sort(np.concatenate([ki, pick]))
-            called, u = bh_qvalues(pvalues(sc, idx, ms, gate)) <= fdr, unseen[idx]
+            called, u = bh_qvalues(pvalues(sc, idx, ms, gate, shift)) <= fdr, unseen[idx]
             rows.append(
                 {
                     "size": "all" if size is None else size,
@@ -177,16 +198,20 @@ def keeps_a_new_type_that_fills_its_type(gate: float, draws: int = 20) -> bool:
     return True
 
 
-def summarise(open_set: list[dict], closed: list[dict], ms: tuple[int, ...], gate: float = GATE) -> dict[str, dict]:
+def summarise(
+    open_set: list[dict], closed: list[dict], ms: tuple[int, ...], gate: float = GATE, shift: str = DEFAULT_SHIFT
+) -> dict[str, dict]:
     """Per dataset: recall by subsample size, false Unknown, FDR and the closed-set worst false Unknown."""
     res = {}
     for d in sorted({sc["dataset"] for sc in open_set}):
-        rows = [r for sc in open_set if sc["dataset"] == d for r in evaluate(sc, ms, DEFAULT_FDR, gate=gate)]
+        rows = [
+            r for sc in open_set if sc["dataset"] == d for r in evaluate(sc, ms, DEFAULT_FDR, gate=gate, shift=shift)
+        ]
         by = {s: np.mean([r["recall"] for r in rows if r["size"] == s]) for s in (3, 10, 30, "all")}
         by = {s: v for s, v in by.items() if np.isfinite(v)}
         sizes = [s for s in (3, 10, 30, "all") if s in by]
         cw = [
-            evaluate(sc, ms, DEFAULT_FDR, sizes=(None,), gate=gate)[0]["false_unknown"]
+            evaluate(sc, ms, DEFAULT_FDR, sizes=(None,), gate=gate, shift=shift)[0]["false_unknown"]
             for sc in closed
             if sc["dataset"] == d
         ]
@@ -227,6 +252,24 @@ def table_rows(name: str, res: dict[str, dict]) -> list[str]:
     return lines
 
 
+def pooled(runs: list[dict[str, dict[str, dict]]]) -> dict[str, dict[str, dict]]:
+    """Per rule and dataset, the mean of recall, false Unknown and FDR over runs, and the worst closed-set value.
+
+    Runs are replicates of the same rules on caches built on other machines (model training is
+    not bit-reproducible across processors, ``benchmarks/results/device_training.json``); only
+    rules and datasets present in every run are kept.
+    """
+    rules = [k for k in runs[0] if all(k in r for r in runs)]
+    out = {}
+    for k in rules:
+        out[k] = {}
+        for d in [d for d in runs[0][k] if all(d in r[k] for r in runs)]:
+            rows = [r[k][d] for r in runs]
+            out[k][d] = {m: float(np.mean([x[m] for x in rows])) for m in ("recall", "false_unknown", "fdr")}
+            out[k][d]["closed_worst_false_unknown"] = float(np.nanmax([x["closed_worst_false_unknown"] for x in rows]))
+    return out
+
+
 def lodo_lines(res: dict[str, dict[str, dict]], datasets: list[str]) -> list[str]:
     """Leave-one-dataset-out over the rules of ``res`` (novelty_decision.py's objective), as markdown."""
 
@@ -264,12 +307,22 @@ def main() -> None:
     p.add_argument("--closed-cache", type=Path, default=None, help="closed-set cache (novelty_cache.py --closed)")
     p.add_argument("--neighbours", nargs="+", default=["10"], help="neighbourhood sizes, comma-separated per rule")
     p.add_argument("--gates", type=float, nargs="+", default=[GATE], help="shift-correction gates (decision.GATE)")
+    p.add_argument("--shifts", nargs="+", default=[DEFAULT_SHIFT], help="SHIFT_MODES[@matched]")
+    p.add_argument(
+        "--pool", type=Path, nargs="*", default=[], help="results.json of earlier runs of the same rules to pool with"
+    )
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/neighbourhood_null"))
     args = p.parse_args()
     tests = {"default": ()} | {f"m={s}": tuple(int(x) for x in s.split(",")) for s in args.neighbours}
-    suffix = (lambda g: f" · gate {g}") if len(args.gates) > 1 else (lambda g: "")
-    rules = {name + suffix(g): (ms, g) for g in args.gates for name, ms in tests.items()}
+    gate_suffix = (lambda g: f" · gate {g}") if len(args.gates) > 1 else (lambda g: "")
+    shift_suffix = (lambda s: f" · {s}") if len(args.shifts) > 1 else (lambda s: "")
+    rules = {
+        name + gate_suffix(g) + shift_suffix(s): (ms, g, s)
+        for s in args.shifts
+        for g in args.gates
+        for name, ms in tests.items()
+    }
     admissible = {g: keeps_a_new_type_that_fills_its_type(g) for g in args.gates}
     open_set = load(args.cache, False, args.data_dir)
     closed = load(args.closed_cache, True, args.data_dir) if args.closed_cache else []
@@ -283,8 +336,8 @@ def main() -> None:
         "",
         *TABLE_HEAD,
     ]
-    for name, (ms, g) in rules.items():
-        res[name] = summarise(open_set, closed, ms, g)
+    for name, (ms, g, s) in rules.items():
+        res[name] = summarise(open_set, closed, ms, g, s)
         lines += table_rows(name, res[name])
     refused = [g for g, ok in admissible.items() if not ok]
     if refused:
@@ -293,7 +346,16 @@ def main() -> None:
             "Not admissible (a new type that fills its predicted type in a query without shift is corrected "
             f"away, `keeps_a_new_type_that_fills_its_type`): gates {refused}.",
         ]
-    lines += lodo_lines({k: v for k, v in res.items() if admissible[rules[k][1]]}, datasets)
+    chosen = {k: v for k, v in res.items() if admissible[rules[k][1]]}
+    lines += lodo_lines(chosen, datasets)
+    if args.pool:
+        both = pooled([chosen, *(json.loads(f.read_text()) for f in args.pool)])
+        lines += [
+            "",
+            f"Pooled with {', '.join(map(str, args.pool))} (per dataset: mean recall, false Unknown and FDR "
+            "over the runs, the worst closed-set false Unknown):",
+            *lodo_lines(both, datasets),
+        ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

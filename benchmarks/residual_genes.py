@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from spikgpt.bench.tasks import TASKS
+from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS
 from spikgpt.data import Cells
 from spikgpt.embed.default import DefaultEmbedder
 
 VARIANTS = {"500 + markers": (500, 25), "2000 + markers": (2000, 25), "5000 + markers": (5000, 25), "2000": (2000, 0)}
 
 
-def task_rows(name: str) -> list[list]:
+def task_rows(name: str, data_root: Path = DEFAULT_DATA_ROOT) -> list[list]:
     """One row per held-out type: task, type, its query cells, then an AUROC per variant."""
     task = TASKS[name]
-    ref, query = task.load()
+    ref, query = task.load(data_root)
     yr = ref.obs[task.label_key].astype(str).to_numpy()
     yq = query.obs[task.label_key].astype(str).to_numpy()
     q = Cells(query, **task.input_kw)
@@ -48,10 +48,11 @@ def task_rows(name: str) -> list[list]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("tasks", nargs="+", choices=sorted(TASKS))
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/residual_genes.md"))
     args = p.parse_args()
     logging.disable(logging.WARNING)
-    rows = [row for name in args.tasks for row in task_rows(name)]
+    rows = [row for name in args.tasks for row in task_rows(name, args.data_dir)]
     head = "| task | held-out type | query cells | " + " | ".join(VARIANTS) + " |"
     lines = [head, "|---" * (3 + len(VARIANTS)) + "|"]
     lines += [f"| {t} | {h} | {n} | " + " | ".join(f"{v:.3f}" for v in aucs) + " |" for t, h, n, *aucs in rows]

@@ -242,4 +242,9 @@ def test_the_gate_decides_when_a_moderate_shift_is_corrected():
     corrected, low = shift_correction(L, "gated", gate=0.5)
     assert high["location"] == 0 and low["location"] == pytest.approx(excess)
     assert (corrected <= L).all() and np.median(corrected) == pytest.approx(np.log(2))
-    assert shift_correction(L, "gated")[1] == low  # the default gate is 0.5 (0.11: 1)
+    assert shift_correction(L, "gated")[1] == low
+    # the default gate is 0.25 (0.12: 0.5, 0.11: 1): a rise of ~0.35 is corrected, one of ~0.15 is not
+    for rise, fires in ((0.35, True), (0.15, False)):
+        M = rng.exponential(size=2000) + rise
+        assert (shift_correction(M, "gated")[1]["location"] > 0) is fires
+        assert shift_correction(M, "gated", gate=0.5)[1]["location"] == 0
