@@ -17,9 +17,10 @@ install: $(BIN)/spikgpt
 demo: install
 	$(BIN)/spikgpt demo --out demo_out
 
+# pytest-xdist: a worker per core (at most 4), one torch/BLAS thread each (tests/conftest.py)
 test: install
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 bench: install
 	$(BIN)/spikgpt bench --out bench_out

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import anndata as ad
 import pytest
 from synthetic import FAST, synthetic_counts
@@ -10,6 +12,26 @@ def _pandas_3_strings():
     """Tests write their inputs as a user of pandas >= 3 must: opting in to anndata's string arrays."""
     with ad.settings.override(allow_write_nullable_strings=True):
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_worker():
+    """Under pytest-xdist (``make test``: a worker per core), torch and BLAS get one thread each.
+
+    Training already runs on one thread (``TrainConfig.num_threads``); inference and the embedder
+    would take every core in every worker and oversubscribe them.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
