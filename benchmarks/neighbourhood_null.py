@@ -17,7 +17,7 @@ rebuilt: the reference is regenerated, split with the model's seed as :func:`spi
 splits it, and embedded; the stored calibration scores must be reproduced (checked).
 
 Usage: ``python benchmarks/neighbourhood_null.py --cache DIR --closed-cache DIR2 --neighbours 10 5 2,5,10
---out benchmarks/results/neighbourhood_null``; ``--gates`` and ``--shifts`` add rules; ``--pool
+--out benchmarks/results/neighbourhood_null``; ``--gates``, ``--gate-quantiles`` and ``--shifts`` add rules; ``--pool
 OLD/results.json`` repeats the leave-one-dataset-out choice on these results pooled with a
 replicate run's (caches built on another machine).
 """
@@ -42,6 +42,7 @@ from spikgpt.openset.decision import (
     DEFAULT_FDR,
     DEFAULT_SHIFT,
     GATE,
+    GATE_QUANTILE,
     NEIGHBOURS,
     bh_qvalues,
     calibration_statistic,
@@ -100,16 +101,21 @@ def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=sli
 
 
 def pvalues(
-    sc: dict, idx: np.ndarray, ms: tuple[int, ...], gate: float = GATE, shift: str = DEFAULT_SHIFT
+    sc: dict,
+    idx: np.ndarray,
+    ms: tuple[int, ...],
+    gate: float = GATE,
+    shift: str = DEFAULT_SHIFT,
+    quantile: float = GATE_QUANTILE,
 ) -> np.ndarray:
     """The rule's p-values of query cells ``idx``, with the neighbourhood tests ``ms`` (Bonferroni).
 
-    No test, or the package's (``ms == (NEIGHBOURS,)``), at the package's ``gate``:
+    No test, or the package's (``ms == (NEIGHBOURS,)``), at the package's ``gate`` and gate ``quantile``:
     :func:`spikgpt.openset.decision.decide` itself with ``shift`` (``@matched``: estimated on the
     cells the query mapping matched, as :func:`spikgpt.annotate` passes them), so those rows are
     the package's rule; other sizes and gates are computed here the same way.
     """
-    if ms in ((), (NEIGHBOURS,)) and gate == GATE:
+    if ms in ((), (NEIGHBOURS,)) and gate == GATE and quantile == GATE_QUANTILE:
         return decide(
             {n: v[idx] for n, v in sc["scores"].items()},
             sc["calibration"],
@@ -122,7 +128,7 @@ def pvalues(
         ).pvalue
     mode, on_matched = parse_shift(shift)
     null_cells = sc["matched"][idx] if on_matched else None
-    L, _ = shift_correction(sc["L"][idx], mode, null_cells, sc["pred"][idx], gate=gate)
+    L, _ = shift_correction(sc["L"][idx], mode, null_cells, sc["pred"][idx], gate=gate, gate_quantile=quantile)
     tests = [np.exp(-L)] + [neighbourhood_pvalues(L, sc["Zq"][idx], sc["Zc"], m) for m in ms]
     return np.minimum(1.0, len(tests) * np.min(tests, axis=0))
 
@@ -135,6 +141,7 @@ def evaluate(
     draws: int = 5,
     gate: float = GATE,
     shift: str = DEFAULT_SHIFT,
+    quantile: float = GATE_QUANTILE,
 ) -> list[dict]:
     """Recall, false Unknown and FDR on one scenario for each subsample size of its unseen cells."""
     unseen = sc["unseen"]
@@ -146,7 +153,7 @@ def evaluate(
         for d in range(1 if size is None else draws):
             pick = ui if size is None else np.random.default_rng(d).choice(ui, size, replace=False)
             idx = np.sort(np.concatenate([ki, pick]))
-            called, u = bh_qvalues(pvalues(sc, idx, ms, gate, shift)) <= fdr, unseen[idx]
+            called, u = bh_qvalues(pvalues(sc, idx, ms, gate, shift, quantile)) <= fdr, unseen[idx]
             rows.append(
                 {
                     "size": "all" if size is None else size,
@@ -180,7 +187,7 @@ def load(cache: Path, closed: bool, data_root: Path) -> list[dict]:
     return out
 
 
-def keeps_a_new_type_that_fills_its_type(gate: float, draws: int = 20) -> bool:
+def keeps_a_new_type_that_fills_its_type(gate: float, quantile: float = GATE_QUANTILE, draws: int = 20) -> bool:
     """The tests' check of the shift correction (``tests/openset/test_decision.py``), over ``draws`` seeds.
 
     A query without shift: 600 known cells (``−log p`` exponential(1), two predicted types) and 40
@@ -192,26 +199,30 @@ def keeps_a_new_type_that_fills_its_type(gate: float, draws: int = 20) -> bool:
         rng = np.random.default_rng(seed)
         L = np.concatenate([rng.exponential(size=600), rng.exponential(size=40) + 20])
         groups = np.repeat([0, 1, 2], [300, 300, 40])
-        corrected, _ = shift_correction(L, "gated_by_type", None, groups, gate=gate)
+        corrected, _ = shift_correction(L, "gated_by_type", None, groups, gate=gate, gate_quantile=quantile)
         if not (bh_qvalues(np.exp(-corrected))[-40:] <= DEFAULT_FDR).all():
             return False
     return True
 
 
 def summarise(
-    open_set: list[dict], closed: list[dict], ms: tuple[int, ...], gate: float = GATE, shift: str = DEFAULT_SHIFT
+    open_set: list[dict],
+    closed: list[dict],
+    ms: tuple[int, ...],
+    gate: float = GATE,
+    shift: str = DEFAULT_SHIFT,
+    quantile: float = GATE_QUANTILE,
 ) -> dict[str, dict]:
     """Per dataset: recall by subsample size, false Unknown, FDR and the closed-set worst false Unknown."""
     res = {}
+    rule = {"gate": gate, "shift": shift, "quantile": quantile}
     for d in sorted({sc["dataset"] for sc in open_set}):
-        rows = [
-            r for sc in open_set if sc["dataset"] == d for r in evaluate(sc, ms, DEFAULT_FDR, gate=gate, shift=shift)
-        ]
+        rows = [r for sc in open_set if sc["dataset"] == d for r in evaluate(sc, ms, DEFAULT_FDR, **rule)]
         by = {s: np.mean([r["recall"] for r in rows if r["size"] == s]) for s in (3, 10, 30, "all")}
         by = {s: v for s, v in by.items() if np.isfinite(v)}
         sizes = [s for s in (3, 10, 30, "all") if s in by]
         cw = [
-            evaluate(sc, ms, DEFAULT_FDR, sizes=(None,), gate=gate, shift=shift)[0]["false_unknown"]
+            evaluate(sc, ms, DEFAULT_FDR, sizes=(None,), **rule)[0]["false_unknown"]
             for sc in closed
             if sc["dataset"] == d
         ]
@@ -307,6 +318,7 @@ def main() -> None:
     p.add_argument("--closed-cache", type=Path, default=None, help="closed-set cache (novelty_cache.py --closed)")
     p.add_argument("--neighbours", nargs="+", default=["10"], help="neighbourhood sizes, comma-separated per rule")
     p.add_argument("--gates", type=float, nargs="+", default=[GATE], help="shift-correction gates (decision.GATE)")
+    p.add_argument("--gate-quantiles", type=float, nargs="+", default=[GATE_QUANTILE], help="decision.GATE_QUANTILE")
     p.add_argument("--shifts", nargs="+", default=[DEFAULT_SHIFT], help="SHIFT_MODES[@matched]")
     p.add_argument(
         "--pool", type=Path, nargs="*", default=[], help="results.json of earlier runs of the same rules to pool with"
@@ -316,14 +328,16 @@ def main() -> None:
     args = p.parse_args()
     tests = {"default": ()} | {f"m={s}": tuple(int(x) for x in s.split(",")) for s in args.neighbours}
     gate_suffix = (lambda g: f" · gate {g}") if len(args.gates) > 1 else (lambda g: "")
+    quantile_suffix = (lambda q: f" · q{q:g}") if len(args.gate_quantiles) > 1 else (lambda q: "")
     shift_suffix = (lambda s: f" · {s}") if len(args.shifts) > 1 else (lambda s: "")
     rules = {
-        name + gate_suffix(g) + shift_suffix(s): (ms, g, s)
+        name + gate_suffix(g) + quantile_suffix(q) + shift_suffix(s): (ms, g, s, q)
         for s in args.shifts
+        for q in args.gate_quantiles
         for g in args.gates
         for name, ms in tests.items()
     }
-    admissible = {g: keeps_a_new_type_that_fills_its_type(g) for g in args.gates}
+    admissible = {(g, q): keeps_a_new_type_that_fills_its_type(g, q) for g in args.gates for q in args.gate_quantiles}
     open_set = load(args.cache, False, args.data_dir)
     closed = load(args.closed_cache, True, args.data_dir) if args.closed_cache else []
     datasets = sorted({sc["dataset"] for sc in open_set})
@@ -336,17 +350,17 @@ def main() -> None:
         "",
         *TABLE_HEAD,
     ]
-    for name, (ms, g, s) in rules.items():
-        res[name] = summarise(open_set, closed, ms, g, s)
+    for name, (ms, g, s, q) in rules.items():
+        res[name] = summarise(open_set, closed, ms, g, s, q)
         lines += table_rows(name, res[name])
     refused = [g for g, ok in admissible.items() if not ok]
     if refused:
         lines += [
             "",
             "Not admissible (a new type that fills its predicted type in a query without shift is corrected "
-            f"away, `keeps_a_new_type_that_fills_its_type`): gates {refused}.",
+            f"away, `keeps_a_new_type_that_fills_its_type`): (gate, quantile) {refused}.",
         ]
-    chosen = {k: v for k, v in res.items() if admissible[rules[k][1]]}
+    chosen = {k: v for k, v in res.items() if admissible[(rules[k][1], rules[k][3])]}
     lines += lodo_lines(chosen, datasets)
     if args.pool:
         both = pooled([chosen, *(json.loads(f.read_text()) for f in args.pool)])

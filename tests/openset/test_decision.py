@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from spikgpt.openset.decision import (
+    GATE_QUANTILE,
     bh_qvalues,
     calibration_statistic,
     check_false_unknown,
@@ -248,3 +249,24 @@ def test_the_gate_decides_when_a_moderate_shift_is_corrected():
         M = rng.exponential(size=2000) + rise
         assert (shift_correction(M, "gated")[1]["location"] > 0) is fires
         assert shift_correction(M, "gated", gate=0.5)[1]["location"] == 0
+
+
+def test_a_low_gate_quantile_tells_a_new_group_from_a_global_shift():
+    rng = np.random.default_rng(9)
+    known = rng.exponential(size=1200)
+    # no shift, a third of the query new (far): the median rises, the 10 % quantile hardly
+    grouped = np.concatenate([known, rng.exponential(size=600) + 15])
+    assert shift_correction(grouped, "gated", gate=0.25)[1]["location"] > 0
+    assert shift_correction(grouped, "gated", gate=0.25, gate_quantile=0.1)[1]["location"] == 0
+    # every cell shifted by 0.6: both quantiles fire, and correct the same way (location from the median)
+    shifted = known + 0.6
+    by_median = shift_correction(shifted, "gated", gate=0.25)
+    by_q10 = shift_correction(shifted, "gated", gate=0.25, gate_quantile=0.1)
+    assert by_median[1]["location"] > 0.4 and by_q10[1] == by_median[1]
+    np.testing.assert_array_equal(by_q10[0], by_median[0])
+    # the default is the median (GATE_QUANTILE 0.5: measured, the lower quantiles not chosen)
+    assert GATE_QUANTILE == 0.5
+    assert (
+        shift_correction(grouped, "gated", gate=0.25)[1]
+        == shift_correction(grouped, "gated", gate=0.25, gate_quantile=0.5)[1]
+    )
