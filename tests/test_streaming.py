@@ -247,3 +247,21 @@ def test_fitting_sample_returns_the_positions_it_read(tmp_path):
     assert len(rows) == 15 and list(sample.adata.obs_names) == list(ref.obs_names[rows])
     np.testing.assert_array_equal(all_rows, np.arange(40))
     assert whole.n_obs == 40
+
+
+def test_matched_shift_with_cells_that_cannot_be_embedded_streams_as_in_memory(tmp_path):
+    """``@matched`` estimates on the mapping's matched cells in chunks too when some cells have no embedding."""
+    ref = synthetic_counts({"A": 60, "B": 60, "C": 40}, seed=1)
+    query = synthetic_counts({"A": 50, "B": 50, "C": 30}, seed=7, extra_types={"new": 25})
+    for a in (ref, query):
+        a.obsm["X_emb"] = np.asarray(a.X[:, :24].todense(), dtype=np.float32)
+    query.obsm["X_emb"] *= np.random.default_rng(9).lognormal(0.0, 0.8, 24).astype(np.float32)  # a batch effect
+    query.obsm["X_emb"][[3, 80]] = np.nan  # two cells without an embedding
+    model = spikgpt.train(ref, "cell_type", embedder="obsm:X_emb", train_config=FAST, progress=False, seed=0)
+    query.write_h5ad(tmp_path / "q.h5ad")
+    shift = "gated_by_type@matched"
+    annotate_file(tmp_path / "q.h5ad", model, tmp_path / "o.h5ad", chunk_size=37, shift=shift, progress=False)
+    memory = spikgpt.annotate(query, model, copy=True, shift=shift, progress=False)
+    assert memory.obs["spikgpt_unknown_reason"].iloc[[3, 80]].eq("not_embedded").all()
+    assert memory.uns["spikgpt"]["global_shift_removed"]["location"] > 0  # the shift is found and removed
+    _assert_same(ad.read_h5ad(tmp_path / "o.h5ad"), memory)

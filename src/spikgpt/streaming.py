@@ -309,8 +309,10 @@ def annotate_file(
                 E_s, _ = model.embed(sample, names)
                 ok = np.isfinite(E_s).all(axis=1)
                 mapped = model.map_query(E_s, n_query=n) if ok.all() else model.map_query(E_s[ok])
-                # Positions in the whole query only when the sample was used as drawn.
-                matched = mapped.matched if mapped is not None and ok.all() else None
+                matched = None if mapped is None else mapped.matched
+                if mapped is not None and not ok.all():  # matched over the sample's embedded cells
+                    matched = np.zeros(n, dtype=bool)
+                    matched[rows[ok]] = mapped.matched
             job = ChunkJob(str(path), layer, use_raw, gene_key, scale, names, mapped, obsm_keys)
             bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
             if client is None:
