@@ -27,13 +27,12 @@ Usage: ``python benchmarks/cross_conformal.py --out benchmarks/results/cross_con
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
-from neighbourhood_null import TABLE_HEAD, lodo_lines, summarise, table_rows
+from neighbourhood_null import TABLE_HEAD, lodo_lines, summarise, table_rows, write_results
 from novelty_cache import closed_tasks, scenarios
 
 from spikgpt.api import _fit_scored, _held_out_scores, labels_of
@@ -155,10 +154,7 @@ def main() -> None:
         lines += table_rows(rule, res[rule])
     if len(res[RULES[0]]) > 1:
         lines += lodo_lines(res, sorted(res[RULES[0]]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(res, indent=1))
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, res, lines)
 
 
 if __name__ == "__main__":

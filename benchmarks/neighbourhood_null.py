@@ -312,6 +312,14 @@ def lodo_lines(res: dict[str, dict[str, dict]], datasets: list[str]) -> list[str
     return [*lines, "", f"Chosen on all datasets: `{max(res, key=lambda k: score(k, datasets))}`."]
 
 
+def write_results(out: Path, res: dict, lines: list[str]) -> None:
+    """``out/results.json`` (``res``) and ``out/results.md`` (``lines``); the table printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, required=True, help="open-set cache (novelty_cache.py)")
@@ -370,10 +378,7 @@ def main() -> None:
             "over the runs, the worst closed-set false Unknown):",
             *lodo_lines(both, datasets),
         ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(res, indent=1))
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, res, lines)
 
 
 if __name__ == "__main__":
