@@ -19,7 +19,9 @@ splits it, and embedded; the stored calibration scores must be reproduced (check
 Usage: ``python benchmarks/neighbourhood_null.py --cache DIR --closed-cache DIR2 --neighbours 10 5 2,5,10
 --out benchmarks/results/neighbourhood_null``; ``--gates``, ``--gate-quantiles`` and ``--shifts`` add rules; ``--pool
 OLD/results.json`` repeats the leave-one-dataset-out choice on these results pooled with a
-replicate run's (caches built on another machine).
+replicate run's (caches built on another machine). ``--scores scaled_mahalanobis_embedding
+pca_residual --scale-powers 0 0.5 1`` tests the class-scaled distance (calibration scores that
+models older than it lack are computed from their calibration cells' positions).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 from novelty_cache import closed_tasks, scenarios
 from novelty_decision import objective
 
@@ -38,6 +41,7 @@ from spikgpt.bench.tasks import DEFAULT_DATA_ROOT
 from spikgpt.data import Cells
 from spikgpt.model import SpikGPTModel
 from spikgpt.model.training import MIN_SPLIT_CELLS, stratified_split
+from spikgpt.openset import novelty as novelty_module
 from spikgpt.openset.decision import (
     DEFAULT_FDR,
     DEFAULT_SHIFT,
@@ -54,6 +58,7 @@ from spikgpt.openset.decision import (
     shift_correction,
 )
 from spikgpt.openset.novelty import DEFAULT_COMBINATION as NAMES
+from spikgpt.openset.novelty import CellOutputs
 
 SIZES = (3, 10, 30, None)
 
@@ -64,8 +69,8 @@ def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=sli
     Models since 0.11 store their calibration cells' positions; for older ones the calibration
     cells are rebuilt from ``ref`` (0.2 held out, as those versions did) and checked.
     """
-    stored = model.novelty.calibration_scores(NAMES)
     cal_positions = model.novelty.calibration_positions()
+    stored = calibration_scores(model.novelty, cal_positions)
     if cal_positions is None:
         y, _ = labels_of(ref, key)
         _, cal_idx = stratified_split(y, 0.2, min_cells=MIN_SPLIT_CELLS, seed=seed)
@@ -88,6 +93,7 @@ def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=sli
     cal_stat = calibration_statistic(stored, NAMES)
     stat, _ = combined_statistic(scores, stored, NAMES)
     return {
+        "novelty": model.novelty,
         "scores": scores,
         "calibration": stored,
         "calibration_statistic": cal_stat,
@@ -98,6 +104,42 @@ def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=sli
         "unseen": ~np.isin(z["q_truth"][rows][ok], model.classes),
         "matched": mapped.matched,
     }
+
+
+def calibration_scores(novelty, positions: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The stored calibration scores ``NAMES``; an embedding-space score that models older than it lack is computed
+    from the calibration cells' positions (models since 0.11)."""
+    missing = [n for n in NAMES if f"cal_{n}" not in novelty.state]
+    stored = {n: novelty.state[f"cal_{n}"] for n in NAMES if n not in missing}
+    if missing:
+        stored |= embedding_scores(novelty, positions, tuple(missing))
+        if any(len(v) != len(positions) for v in stored.values()):
+            raise RuntimeError("calibration positions are a sample of the calibration cells: cannot rescore")
+    return stored
+
+
+def embedding_scores(novelty, X: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Scores ``names`` that read only the standardised embedding ``X`` (no network outputs needed)."""
+    n = len(X)
+    out = CellOutputs(torch.zeros((1, n, 1)), np.zeros((n, 1)), X, np.zeros((n, 1)))
+    return novelty.raw_scores(out, names)
+
+
+def with_scale_power(sc: dict, power: float) -> dict:
+    """``sc`` rescored with ``scaled_mahalanobis_embedding`` at ``CLASS_SCALE_POWER = power``."""
+    name = "scaled_mahalanobis_embedding"
+    if name not in NAMES:
+        return sc
+    saved = novelty_module.CLASS_SCALE_POWER
+    novelty_module.CLASS_SCALE_POWER, sc["novelty"]._scales = power, None
+    try:
+        scores = {**sc["scores"], **embedding_scores(sc["novelty"], sc["Zq"], (name,))}
+        cal = {**sc["calibration"], **embedding_scores(sc["novelty"], sc["Zc"], (name,))}
+    finally:
+        novelty_module.CLASS_SCALE_POWER, sc["novelty"]._scales = saved, None
+    cal_stat = calibration_statistic(cal, NAMES)
+    L = neglog_pvalues(combined_statistic(scores, cal, NAMES)[0], cal_stat)
+    return {**sc, "scores": scores, "calibration": cal, "calibration_statistic": cal_stat, "L": L, "power": power}
 
 
 def pvalues(
@@ -115,7 +157,8 @@ def pvalues(
     cells the query mapping matched, as :func:`spikgpt.annotate` passes them), so those rows are
     the package's rule; other sizes and gates are computed here the same way.
     """
-    if ms in ((), (NEIGHBOURS,)) and gate == GATE and quantile == GATE_QUANTILE:
+    default_power = sc.get("power", novelty_module.CLASS_SCALE_POWER) == novelty_module.CLASS_SCALE_POWER
+    if ms in ((), (NEIGHBOURS,)) and gate == GATE and quantile == GATE_QUANTILE and default_power:
         return decide(
             {n: v[idx] for n, v in sc["scores"].items()},
             sc["calibration"],
@@ -328,18 +371,30 @@ def main() -> None:
     p.add_argument("--gates", type=float, nargs="+", default=[GATE], help="shift-correction gates (decision.GATE)")
     p.add_argument("--gate-quantiles", type=float, nargs="+", default=[GATE_QUANTILE], help="decision.GATE_QUANTILE")
     p.add_argument("--shifts", nargs="+", default=[DEFAULT_SHIFT], help="SHIFT_MODES[@matched]")
+    p.add_argument("--scores", nargs="+", default=list(NAMES), help="the combined scores (novelty.DEFAULT_COMBINATION)")
+    p.add_argument(
+        "--scale-powers",
+        type=float,
+        nargs="+",
+        default=[novelty_module.CLASS_SCALE_POWER],
+        help="novelty.CLASS_SCALE_POWER of scaled_mahalanobis_embedding",
+    )
     p.add_argument(
         "--pool", type=Path, nargs="*", default=[], help="results.json of earlier runs of the same rules to pool with"
     )
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/neighbourhood_null"))
     args = p.parse_args()
+    global NAMES  # every function here reads the scores tested from the module
+    NAMES = tuple(args.scores)
     tests = {"default": ()} | {f"m={s}": tuple(int(x) for x in s.split(",")) for s in args.neighbours}
     gate_suffix = (lambda g: f" · gate {g}") if len(args.gates) > 1 else (lambda g: "")
     quantile_suffix = (lambda q: f" · q{q:g}") if len(args.gate_quantiles) > 1 else (lambda q: "")
+    power_suffix = (lambda w: f" · power {w:g}") if len(args.scale_powers) > 1 else (lambda w: "")
     shift_suffix = (lambda s: f" · {s}") if len(args.shifts) > 1 else (lambda s: "")
     rules = {
-        name + gate_suffix(g) + quantile_suffix(q) + shift_suffix(s): (ms, g, s, q)
+        name + power_suffix(w) + gate_suffix(g) + quantile_suffix(q) + shift_suffix(s): (ms, g, s, q, w)
+        for w in args.scale_powers
         for s in args.shifts
         for q in args.gate_quantiles
         for g in args.gates
@@ -358,8 +413,11 @@ def main() -> None:
         "",
         *TABLE_HEAD,
     ]
-    for name, (ms, g, s, q) in rules.items():
-        res[name] = summarise(open_set, closed, ms, g, s, q)
+    rescored = {}
+    for name, (ms, g, s, q, w) in rules.items():
+        if w not in rescored:
+            rescored[w] = ([with_scale_power(sc, w) for sc in open_set], [with_scale_power(sc, w) for sc in closed])
+        res[name] = summarise(*rescored[w], ms, g, s, q)
         lines += table_rows(name, res[name])
     refused = [g for g, ok in admissible.items() if not ok]
     if refused:

@@ -164,7 +164,8 @@ def annotate(
         str | None,
         typer.Option(
             help="Novelty score(s) tested: combined (the model's default), max_prob, energy, knn_latent, "
-            "knn_embedding, mahalanobis_latent, mahalanobis_embedding, gaussian_embedding, firing or pca_residual."
+            "knn_embedding, mahalanobis_latent, mahalanobis_embedding, gaussian_embedding, firing, pca_residual "
+            "or scaled_mahalanobis_embedding."
         ),
     ] = None,
     fdr: Annotated[

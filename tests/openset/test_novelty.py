@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from spikgpt.openset import novelty as novelty_module
 from spikgpt.openset.decision import decide
 from spikgpt.openset.novelty import SCORES, CellOutputs, NoveltyScorer, score_names
 
@@ -60,6 +61,32 @@ def test_gaussian_judges_each_class_by_its_own_spread():
     assert auroc(off_tight["gaussian_embedding"], off_diffuse["gaussian_embedding"]) > 0.99
     # a shared covariance cannot tell the two apart as well
     assert auroc(off_tight["mahalanobis_embedding"], off_diffuse["mahalanobis_embedding"]) < 0.9
+
+
+def test_scaled_mahalanobis_puts_a_diffuse_and_a_tight_class_on_one_scale(monkeypatch):
+    """Known cells of a diffuse class are not more novel than a tight class's (pbmc68k's per-type miscalibration)."""
+    rng = np.random.default_rng(6)
+    tight, diffuse = rng.normal([5, 0], 0.3, (400, 2)), rng.normal([-5, 0], 2.0, (400, 2))
+    s = NoveltyScorer().fit(outputs(np.concatenate([tight, diffuse])), np.repeat([0, 1], 400))
+    new_tight, new_diffuse = rng.normal([5, 0], 0.3, (200, 2)), rng.normal([-5, 0], 2.0, (200, 2))
+    a, b = (s.raw_scores(outputs(x)) for x in (new_tight, new_diffuse))
+    assert novelty_module.CLASS_SCALE_POWER == 0.5
+    scales = s.class_scales()
+    assert scales[1] > 1.5 * scales[0]  # the diffuse class's distances are divided by more
+    # pooled distance: the diffuse class's known cells sit far beyond the tight class's
+    assert np.median(b["mahalanobis_embedding"]) > 3 * np.median(a["mahalanobis_embedding"])
+    ratio = np.median(b["scaled_mahalanobis_embedding"]) / np.median(a["scaled_mahalanobis_embedding"])
+    assert 1.2 < ratio < 3  # half-way on the log scale (power 0.5)
+    # power 0 is the pooled distance; power 1 puts both classes' typical cells at the same score
+    monkeypatch.setattr(novelty_module, "CLASS_SCALE_POWER", 0.0)
+    s._scales = None
+    np.testing.assert_allclose(
+        s.raw_scores(outputs(new_diffuse))["scaled_mahalanobis_embedding"], b["mahalanobis_embedding"], rtol=1e-5
+    )
+    monkeypatch.setattr(novelty_module, "CLASS_SCALE_POWER", 1.0)
+    s._scales = None
+    a1, b1 = (s.raw_scores(outputs(x))["scaled_mahalanobis_embedding"] for x in (new_tight, new_diffuse))
+    assert 0.8 < np.median(b1) / np.median(a1) < 1.25
 
 
 def test_degenerate_classes_give_finite_scores():

@@ -19,12 +19,13 @@ rejected while the false discovery rate over the query is held at the level the 
 3. **Shift is not novelty.** When the query as a whole sits away from the reference (batch,
    protocol, stimulation), all its cells get small p-values. Under the null ``−log p`` is
    exponential(1), with median ``log 2`` and quartile spread ``log 2 − log(4/3)``. If the query's
-   median exceeds ``log 2``, its lower half (known cells, as long as fewer than half of the query
-   cells are of unseen types) estimates the shift: ``−log p`` is re-centred and re-scaled so that
-   the query's median and lower quartile sit where the null's do. Nothing is ever made *more*
-   novel. Its price: a query with no shift but many new cells (a third of pbmc68k's query when
-   B cells are left out) also has a raised median, and the correction then removes their
-   evidence (81 % of B cells Unknown without it, 0 % with it); ``shift="none"`` is the choice
+   median exceeds ``log 2`` by more than :data:`GATE`, its lower half (known cells, as long as
+   fewer than half of the query cells are of unseen types) estimates the shift: ``−log p`` is
+   re-centred and re-scaled so that the query's median and lower quartile sit where the null's
+   do. Nothing is ever made *more* novel. Its price: a query with no shift but many new cells (a
+   third of pbmc68k's query when B cells are left out) also has a raised median, and the
+   correction then removes their evidence (81 % of B cells Unknown without it, 0 % with it);
+   ``shift="none"`` is the choice
    for queries from the reference's own study. A shift need not be the same for every type (a
    protocol moves some cell lines off the reference's subspace and not others): with
    ``"gated_by_type"`` (the default), once the query as a whole is judged shifted, each predicted
