@@ -83,6 +83,9 @@ def test_scaled_mahalanobis_puts_a_diffuse_and_a_tight_class_on_one_scale(monkey
     np.testing.assert_allclose(
         s.raw_scores(outputs(new_diffuse))["scaled_mahalanobis_embedding"], b["mahalanobis_embedding"], rtol=1e-5
     )
+    # a model calibrated before the score existed says so
+    with pytest.raises(ValueError, match="calibrated without the novelty score"):
+        s.calibration_scores(("scaled_mahalanobis_embedding",))
     monkeypatch.setattr(novelty_module, "CLASS_SCALE_POWER", 1.0)
     s._scales = None
     a1, b1 = (s.raw_scores(outputs(x))["scaled_mahalanobis_embedding"] for x in (new_tight, new_diffuse))

@@ -166,7 +166,14 @@ class NoveltyScorer:
         return self.state.get("cal_embedding")
 
     def calibration_scores(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """The stored scores ``names`` of the held-out calibration cells."""
+        """The stored scores ``names`` of the held-out calibration cells (``ValueError`` for one not stored)."""
+        missing = [n for n in names if f"cal_{n}" not in self.state]
+        if missing:
+            msg = (
+                f"This model was calibrated without the novelty score(s) {missing} (trained by an older "
+                "spikgpt). Retrain it, or choose another score (novelty=...)."
+            )
+            raise ValueError(msg)
         return {n: self.state[f"cal_{n}"] for n in names}
 
     # ------------------------------------------------------------------ scoring
