@@ -131,12 +131,12 @@ def with_scale_power(sc: dict, power: float) -> dict:
     if name not in NAMES:
         return sc
     saved = novelty_module.CLASS_SCALE_POWER
-    novelty_module.CLASS_SCALE_POWER, sc["novelty"]._scales = power, None
+    novelty_module.CLASS_SCALE_POWER = power  # the scorer recomputes its class scales for a new power
     try:
         scores = {**sc["scores"], **embedding_scores(sc["novelty"], sc["Zq"], (name,))}
         cal = {**sc["calibration"], **embedding_scores(sc["novelty"], sc["Zc"], (name,))}
     finally:
-        novelty_module.CLASS_SCALE_POWER, sc["novelty"]._scales = saved, None
+        novelty_module.CLASS_SCALE_POWER = saved
     cal_stat = calibration_statistic(cal, NAMES)
     L = neglog_pvalues(combined_statistic(scores, cal, NAMES)[0], cal_stat)
     return {**sc, "scores": scores, "calibration": cal, "calibration_statistic": cal_stat, "L": L, "power": power}

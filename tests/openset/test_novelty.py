@@ -79,7 +79,6 @@ def test_scaled_mahalanobis_puts_a_diffuse_and_a_tight_class_on_one_scale(monkey
     assert 1.2 < ratio < 3  # half-way on the log scale (power 0.5)
     # power 0 is the pooled distance; power 1 puts both classes' typical cells at the same score
     monkeypatch.setattr(novelty_module, "CLASS_SCALE_POWER", 0.0)
-    s._scales = None
     np.testing.assert_allclose(
         s.raw_scores(outputs(new_diffuse))["scaled_mahalanobis_embedding"], b["mahalanobis_embedding"], rtol=1e-5
     )
@@ -87,7 +86,6 @@ def test_scaled_mahalanobis_puts_a_diffuse_and_a_tight_class_on_one_scale(monkey
     with pytest.raises(ValueError, match="calibrated without the novelty score"):
         s.calibration_scores(("scaled_mahalanobis_embedding",))
     monkeypatch.setattr(novelty_module, "CLASS_SCALE_POWER", 1.0)
-    s._scales = None
     a1, b1 = (s.raw_scores(outputs(x))["scaled_mahalanobis_embedding"] for x in (new_tight, new_diffuse))
     assert 0.8 < np.median(b1) / np.median(a1) < 1.25
 

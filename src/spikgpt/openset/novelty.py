@@ -111,7 +111,7 @@ class NoveltyScorer:
         self.max_reference_cells, self.k = max_reference_cells, k
         self.state: dict[str, np.ndarray] = {}
         self._nn: dict[str, NearestNeighbors] = {}
-        self._scales: np.ndarray | None = None
+        self._scales: tuple[float, np.ndarray] | None = None  # (CLASS_SCALE_POWER, scales)
 
     # ------------------------------------------------------------------ fitting
     def fit(self, out: CellOutputs, y: np.ndarray, *, seed: int = 0) -> NoveltyScorer:
@@ -213,7 +213,7 @@ class NoveltyScorer:
         nearest distance of all cells, to the power :data:`CLASS_SCALE_POWER` (computed from the
         state; calibration scores of the score exist in models trained with 0.15 or later).
         """
-        if self._scales is None:
+        if self._scales is None or self._scales[0] != CLASS_SCALE_POWER:
             R = self._pooled_distances("embedding", self.state["ref_embedding"].astype(np.float64))
             nearest, typical = R.argmin(axis=1), np.median(R.min(axis=1))
             scales = np.ones(R.shape[1])
@@ -221,8 +221,8 @@ class NoveltyScorer:
                 own = R[nearest == c, c]
                 if len(own) >= MIN_SCALE_CELLS and typical > 0 and np.median(own) > 0:
                     scales[c] = (np.median(own) / typical) ** CLASS_SCALE_POWER
-            self._scales = scales
-        return self._scales
+            self._scales = (CLASS_SCALE_POWER, scales)
+        return self._scales[1]
 
     def _scaled_mahalanobis(self, X: np.ndarray) -> np.ndarray:
         return (self._pooled_distances("embedding", X) / self.class_scales()).min(axis=1)
