@@ -292,12 +292,12 @@ def shift_correction(
     ref = L if null_cells is None or null_cells.sum() < 10 else L[null_cells]
     if mode == "none" or len(ref) < 10:
         return L, none
-    q25, q50 = np.quantile(ref, [0.25, 0.5])
+    q25, q50, q_gate = np.quantile(ref, [0.25, 0.5, gate_quantile])
     if mode == "quartile":  # location from the lower quartile: robust to up to ~70 % unseen cells
         if q25 <= _LOG43:
             return L, none
         return np.maximum(np.minimum(L, L - q25 + _LOG43), 0.0), {"location": float(q25 - _LOG43), "scale": 1.0}
-    if q50 <= _LOG2 or (mode == "gated" and np.quantile(ref, gate_quantile) + np.log1p(-gate_quantile) <= gate):
+    if q50 <= _LOG2 or (mode == "gated" and q_gate + np.log1p(-gate_quantile) <= gate):
         return L, none
     scale = max((q50 - q25) / _NULL_SPREAD, 1.0) if mode in ("scale", "gated") else 1.0
     corrected = np.minimum(L, (L - q50) / scale + _LOG2)
