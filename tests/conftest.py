@@ -41,11 +41,13 @@ def counts():
 
 @pytest.fixture(scope="session")
 def trained():
-    """A small model trained on synthetic counts (shared: training is the slow part)."""
+    """A small model, an ensemble of two networks, trained on synthetic counts (shared: training is the slow part)."""
+    from dataclasses import replace
+
     import spikgpt
 
     ref = synthetic_counts({"A": 60, "B": 60, "C": 40}, seed=1)
-    return spikgpt.train(ref, "cell_type", train_config=FAST, progress=False, seed=0)
+    return spikgpt.train(ref, "cell_type", train_config=replace(FAST, members=2), progress=False, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,9 @@ from spikgpt.model import TrainConfig
 DATA = __import__("pathlib").Path(__file__).resolve().parent / "data"
 SCGPT_FIXTURE = DATA / "scgpt_tiny"
 
-#: Short training for tests: the point is the plumbing, not the last percent.
-FAST = TrainConfig(lr=5e-3, max_epochs=40, patience=10)
+#: Short training for tests: the point is the plumbing, not the last percent. One network, not
+#: the default ensemble of three: the ``trained`` fixture and the real-data tests train ensembles.
+FAST = TrainConfig(lr=5e-3, max_epochs=40, patience=10, members=1)
 
 
 def synthetic_counts(

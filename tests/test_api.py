@@ -299,7 +299,7 @@ def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_u
     from dataclasses import replace
 
     query = synthetic_counts({"A": 20, "B": 20, "C": 20, "N": 20}, seed=9)
-    kw = {"train_config": replace(FAST, refit_min_steps=0, max_epochs=60), "progress": False, "seed": 3}
+    kw = {"train_config": replace(FAST, refit_min_steps=0, max_epochs=60, members=2), "progress": False, "seed": 3}
     refit = spikgpt.train(counts, "cell_type", **kw)
     held_out = spikgpt.train(counts, "cell_type", refit=False, **kw)
     history, first = refit.summary["history"], refit.summary["calibration_network"]
@@ -307,6 +307,8 @@ def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_u
     assert first["n_train"] + first["n_val"] == 128 and history["epochs_run"] == first["best_epoch"] + 1
     assert held_out.summary["history"]["n_train"] + held_out.summary["history"]["n_val"] == 128
     assert "calibration_network" not in held_out.summary
+    # the calibration network is one network; the final classifier (refitted or not) the ensemble
+    assert (first["members"], history["members"], held_out.summary["history"]["members"]) == (1, 2, 2)
     a = spikgpt.annotate(query, refit, copy=True).obs
     b = spikgpt.annotate(query, held_out, copy=True).obs
     # the default novelty scores do not depend on the classifier: same p-values (to rounding: some

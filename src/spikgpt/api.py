@@ -149,15 +149,24 @@ def _fit_scored(cells, y: np.ndarray, classes: list[str], embedder, net_cfg, cfg
 
 
 def _refit_network(
-    model: SpikGPTModel, cells, y: np.ndarray, fit_idx: np.ndarray, cfg: TrainConfig, *, seed: int, progress: bool
+    model: SpikGPTModel,
+    cells,
+    y: np.ndarray,
+    fit_idx: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    progress: bool,
 ) -> None:
     """Retrain ``model``'s classifier on every reference cell, calibration and validation cells included.
 
-    It trains for the epochs that early stopping chose for the first network, but at least
-    ``cfg.refit_min_steps`` optimiser steps and at most ``cfg.max_epochs``, with no cell held
-    out. Embedder, scaling and the embedding-space novelty statistics stay those fitted without
-    the calibration cells, so the default Unknown rule (which reads only those) is unchanged; the
-    latent-space statistics are re-fitted on the new network's outputs of the same cells.
+    The first (calibration) network is a single member; the refit trains the ``cfg.members``
+    networks of the final classifier. They train for the epochs that early stopping chose for
+    the first network, but at least ``cfg.refit_min_steps`` optimiser steps and at most
+    ``cfg.max_epochs``, with no cell held out. Embedder, scaling and the embedding-space novelty
+    statistics stay those fitted without the calibration cells, so the default Unknown rule
+    (which reads only those) is unchanged; the latent-space statistics are re-fitted on the new
+    networks' outputs of the same cells.
     """
     E, ok = _reference_embedding(model.embedder, cells)
     first = model.summary["history"]
@@ -353,6 +362,8 @@ def _train(
     # Every fitted step (embedder, network, novelty statistics) on fixed thread counts: see cpu_settings.
     with cpu_settings(cfg.num_threads):
         fit = {"embedder": embedder, "net_cfg": net_cfg, "cfg": cfg, "seed": seed}
+        # Networks that only score held-out cells or choose the refit's epochs are single members.
+        single = {**fit, "cfg": replace(cfg, members=1)}
         k = calibration_folds if calibration_fraction > 0 else 1
         fold = stratified_folds(y, k, min_cells=min_cells_per_class, seed=seed) if k > 1 else np.full(len(y), -1)
         crossfit = bool((fold >= 0).any())
@@ -362,7 +373,7 @@ def _train(
             parts = []
             for j in tqdm(range(k), desc="cross-fitting", unit="fold", disable=None if progress else True, leave=False):
                 kept, held = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
-                fold_model = _fit_scored(cells.subset(kept), y[kept], classes, **fit, progress=False)
+                fold_model = _fit_scored(cells.subset(kept), y[kept], classes, **single, progress=False)
                 parts.append(_held_out_scores(fold_model, cells.subset(held), y[held]))
             model = _fit_scored(cells, y, classes, **fit, progress=progress)
             scores = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
@@ -371,7 +382,8 @@ def _train(
         else:
             fit_idx, cal_idx = stratified_split(y, calibration_fraction, min_cells=min_cells_per_class, seed=seed)
             if len(cal_idx):
-                model = _fit_scored(cells.subset(fit_idx), y[fit_idx], classes, **fit, progress=progress)
+                first = single if refit else fit
+                model = _fit_scored(cells.subset(fit_idx), y[fit_idx], classes, **first, progress=progress)
                 scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
                 how = "held out of training"
                 if refit:
@@ -380,6 +392,7 @@ def _train(
                 model, _, _ = _fit_pipeline(cells.subset(fit_idx), y[fit_idx], **fit, progress=progress)
                 model.classes, correct = classes, np.zeros(0, dtype=bool)
     calibration = {"n_cells": int(len(correct)), "folds": k if crossfit else 1}
+    model.train_config = cfg  # the calibration network's may say members=1
     model.novelty_method, model.fdr, model.mapping = novelty, fdr, mapping
     if len(correct):
         model.novelty.calibrate(scores, positions, seed=seed)

@@ -102,6 +102,10 @@ def train(
         int,
         typer.Option(help="Types with fewer cells train on all their cells (none held out to calibrate).", min=2),
     ] = 5,
+    members: Annotated[
+        int,
+        typer.Option(help="Networks in the classifier's ensemble, trained from seeds seed, seed + 1, …", min=1),
+    ] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -110,6 +114,7 @@ def train(
     from spikgpt.api import check_calibration_folds, check_calibration_fraction
     from spikgpt.api import train as train_
     from spikgpt.model.annotator import check_model_destination
+    from spikgpt.model.training import TrainConfig
     from spikgpt.openset import check_fdr
 
     _setup(quiet)
@@ -132,6 +137,7 @@ def train(
             calibration_folds=calibration_folds,
             refit=not no_refit,
             min_cells_per_class=min_cells_per_class,
+            train_config=TrainConfig(members=members),
             seed=seed,
             progress=not quiet,
         )

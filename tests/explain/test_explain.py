@@ -27,7 +27,9 @@ def test_known_markers_rank_top_for_their_class(pbmc, pbmc_model, tmp_path):
         assert (tmp_path / f).stat().st_size > 0
     att = next(iter(res["attention"].values()))
     cfg = pbmc_model.network.cfg
-    assert att.shape == (cfg.depth, cfg.heads, cfg.n_tokens, cfg.n_tokens)
+    # every block of every network of the ensemble (3 by default)
+    assert att.shape == (cfg.depth * len(pbmc_model.network.members), cfg.heads, cfg.n_tokens, cfg.n_tokens)
+    assert len(pbmc_model.network.members) == 3
     assert len(res["cells"][pbmc.obs_names[5]]) == len(pbmc_model.embedder.genes)
     del pbmc.uns["spikgpt_explain"]
 

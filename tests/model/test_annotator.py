@@ -27,7 +27,8 @@ def test_save_load_identical_predictions(trained, counts, tmp_path):
     np.testing.assert_allclose(a.obsm["X_spikgpt_embedding"], b.obsm["X_spikgpt_embedding"], atol=1e-5)
     assert (loaded.fdr, loaded.shift, loaded.mapping) == (trained.fdr, trained.shift, trained.mapping)
     assert loaded.classes == trained.classes
-    assert "3 cell types" in repr(loaded)
+    assert "3 cell types" in repr(loaded) and f"×{trained.train_config.members}" in repr(loaded)
+    assert len(loaded.network.members) == len(trained.network.members) == trained.train_config.members
     # every novelty score survives the round trip
     from spikgpt.data import Cells
 
@@ -40,6 +41,27 @@ def test_save_load_identical_predictions(trained, counts, tmp_path):
         np.testing.assert_array_equal(trained.novelty.state[name], loaded.novelty.state[name], err_msg=name)
     with pytest.raises(FileExistsError, match="overwrite"):
         trained.save(path)
+
+
+def test_a_one_network_model_of_format_3_loads_as_a_one_member_ensemble(counts, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+    from synthetic import FAST
+
+    model = spikgpt.train(counts, "cell_type", train_config=replace(FAST, max_epochs=5, members=1), progress=False)
+    path = model.save(tmp_path / "m")
+    # what spikgpt 0.15 wrote: format 3, no "members", weights without the ensemble's prefix
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["train"]["members"]
+    (path / "config.json").write_text(json.dumps({**cfg, "format_version": 3}))
+    state = load_file(path / "weights.safetensors")
+    save_file({k.removeprefix("members.0."): v for k, v in state.items()}, path / "weights.safetensors")
+    loaded = spikgpt.load_model(path)
+    assert len(loaded.network.members) == 1 and loaded.train_config.members == 1
+    a = spikgpt.annotate(counts, model, copy=True)
+    b = spikgpt.annotate(counts, loaded, copy=True)
+    np.testing.assert_array_equal(a.obs["spikgpt_confidence"], b.obs["spikgpt_confidence"])
 
 
 def test_model_folder_errors(trained, tmp_path):

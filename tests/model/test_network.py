@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spikgpt.model import NetworkConfig, SpikingTransformer, TrainConfig
+from spikgpt.model import NetworkConfig, SpikingEnsemble, SpikingTransformer, TrainConfig
 from spikgpt.model.network import HostDropout
 from spikgpt.snn import LIF
 
@@ -58,3 +58,22 @@ def test_host_dropout_is_torch_dropout_on_the_cpu():
     torch.manual_seed(3)
     torch.empty(x.shape).bernoulli_(0.7)
     assert torch.equal(after, torch.rand(1))
+
+
+def test_ensemble_averages_its_members_logits_and_its_head_reads_their_latents():
+    cfg = NetworkConfig(in_dim=12, n_classes=3)
+    net = SpikingEnsemble(cfg, 3).eval()
+    x = torch.randn(5, 12)
+    with torch.inference_mode():
+        mean = torch.stack([m(x) for m in net.members]).mean(0)
+        feats = net.features(x)
+        assert feats.shape == (cfg.time_steps, 5, net.latent_dim) and net.latent_dim == 3 * cfg.dim
+        torch.testing.assert_close(net(x), mean)
+        torch.testing.assert_close(net.head(feats), mean)
+    assert not torch.equal(net.members[0].head.weight, net.members[1].head.weight)  # initialised apart
+    with pytest.raises(ValueError, match="at least one network"):
+        SpikingEnsemble(cfg, 0)
+    with pytest.raises(ValueError, match="the ensemble's NetworkConfig"):
+        SpikingEnsemble(cfg, [SpikingTransformer(NetworkConfig(in_dim=12, n_classes=4))])
+    with pytest.raises(ValueError, match="members must be >= 1"):
+        TrainConfig(members=0)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -44,9 +46,9 @@ def test_split_holds_out_the_share_and_never_a_rare_type(fraction):
 def test_weight_averaging_keeps_an_average_that_differs_from_the_raw_weights_and_is_seeded():
     X, y = three_clusters(40, 2.0)
     net_cfg = NetworkConfig(in_dim=16, n_classes=3)
-    raw, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=0), **FIT)
-    avg, hist = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=2), **FIT)
-    again, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=2), **FIT)
+    raw, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=0, members=1), **FIT)
+    avg, hist = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=2, members=1), **FIT)
+    again, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=30, patience=30, average_epochs=2, members=1), **FIT)
     w = {k: v for k, v in avg.state_dict().items() if v.is_floating_point()}
     assert w.keys() == {k for k, v in raw.state_dict().items() if v.is_floating_point()}
     assert any(not torch.equal(v, raw.state_dict()[k]) for k, v in w.items())
@@ -56,7 +58,7 @@ def test_weight_averaging_keeps_an_average_that_differs_from_the_raw_weights_and
 
 def test_without_validation_cells_the_whole_schedule_runs_and_its_final_weights_are_kept():
     X, y = three_clusters(30, 2.0)
-    cfg = TrainConfig(max_epochs=40, patience=2, val_fraction=0.0)
+    cfg = TrainConfig(max_epochs=40, patience=2, val_fraction=0.0, members=1)
     net, hist = fit_network(X, y, NetworkConfig(in_dim=16, n_classes=3), cfg, **FIT)
     # patience cannot stop a run that has nothing to validate on
     assert hist["epochs_run"] == 40 and hist["best_epoch"] == 39
@@ -69,7 +71,8 @@ def test_input_noise_changes_the_fit_is_seeded_and_is_checked():
     net_cfg = NetworkConfig(in_dim=16, n_classes=3)
 
     def weights(noise: float) -> tuple[dict, torch.nn.Module]:
-        net, _ = fit_network(X, y, net_cfg, TrainConfig(max_epochs=20, patience=20, input_noise=noise), **FIT)
+        cfg = TrainConfig(max_epochs=20, patience=20, input_noise=noise, members=1)
+        net, _ = fit_network(X, y, net_cfg, cfg, **FIT)
         return {k: v for k, v in net.state_dict().items() if v.is_floating_point()}, net
 
     plain, _ = weights(0.0)
@@ -81,3 +84,16 @@ def test_input_noise_changes_the_fit_is_seeded_and_is_checked():
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="input_noise"):
             TrainConfig(input_noise=bad)
+
+
+def test_ensemble_member_i_is_the_network_of_seed_plus_i():
+    X, y = three_clusters(30, 2.0)
+    net_cfg, one = NetworkConfig(in_dim=16, n_classes=3), TrainConfig(max_epochs=8, patience=8, members=1)
+    ens, hist = fit_network(X, y, net_cfg, replace(one, members=2), **FIT)
+    first, _ = fit_network(X, y, net_cfg, one, seed=0, progress=False)
+    second, _ = fit_network(X, y, net_cfg, one, seed=1, progress=False)
+    for member, alone in ((ens.members[0], first.members[0]), (ens.members[1], second.members[0])):
+        for (name, a), b in zip(member.state_dict().items(), alone.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    assert len(hist["member_best_epochs"]) == 2
+    assert not torch.equal(ens.members[0].head.weight, ens.members[1].head.weight)

@@ -13,7 +13,7 @@ import torch
 from spikgpt.data import Cells, read
 from spikgpt.energy.counting import E_AC_PJ, E_MAC_PJ, count_ops
 from spikgpt.model.annotator import SpikGPTModel
-from spikgpt.model.network import SpikingTransformer
+from spikgpt.model.network import SpikingEnsemble
 
 #: Average firing rate below which an SNN at T ≈ 5 beats an equally quantised ANN once memory
 #: traffic is counted (published estimate; see the module docstring of ``counting``).
@@ -53,7 +53,7 @@ def energy_report(
     E = model.embedder.transform(Cells(adata, layer=layer, use_raw=use_raw, gene_key=gene_key))
     Z = torch.as_tensor(model.standardise(E[np.isfinite(E).all(axis=1)]))
     snn = model.network
-    twin = SpikingTransformer(replace(snn.cfg, spiking=False))
+    twin = SpikingEnsemble(replace(snn.cfg, spiking=False), len(snn.members))
     c_snn, c_twin = count_ops(snn, Z), count_ops(twin, Z)
     n = max(len(Z), 1)
     rates = c_snn.firing_rates()

@@ -17,7 +17,10 @@ from spikgpt.snn import LIF, SpikingSelfAttention
 
 
 def attention_maps(model: SpikGPTModel, Z: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarray]:
-    """Per class, token-to-token attention ``[blocks, heads, N, N]`` averaged over time and cells."""
+    """Per class, token-to-token attention ``[blocks, heads, N, N]`` averaged over time and cells.
+
+    ``blocks`` runs over every block of the ensemble's first network, then its second, and so on.
+    """
     net = model.network.eval()
     blocks = [m for m in net.modules() if isinstance(m, SpikingSelfAttention)]
     sums = dict.fromkeys(np.unique(predicted), 0)
@@ -36,8 +39,8 @@ def attention_maps(model: SpikGPTModel, Z: np.ndarray, predicted: np.ndarray) ->
 
 
 def spike_raster(model: SpikGPTModel, z: np.ndarray) -> np.ndarray:
-    """Output-layer spikes of one cell, ``[T, N × D]``."""
-    net = model.network.eval()
+    """Output-layer spikes of one cell in the ensemble's first network, ``[T, N × D]``."""
+    net = model.network.members[0].eval()
     lif = net.out_lif
     captured = {}
     hook = lif.register_forward_hook(lambda _m, _i, o: captured.setdefault("s", o))

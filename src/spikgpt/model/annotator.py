@@ -26,7 +26,7 @@ from spikgpt.data import Cells, current_umask
 from spikgpt.embed import Embedder, embedder_from_config
 from spikgpt.errors import ModelFormatError
 from spikgpt.mapping import Mapping, estimate_mapping
-from spikgpt.model.network import NetworkConfig, SpikingTransformer
+from spikgpt.model.network import NetworkConfig, SpikingEnsemble
 from spikgpt.model.training import TrainConfig
 from spikgpt.openset.decision import (
     DEFAULT_FDR,
@@ -46,7 +46,9 @@ from spikgpt.snn import LIF
 logger = logging.getLogger("spikgpt")
 
 FORMAT = "spikgpt-model"
-FORMAT_VERSION = 3  # 3: conformal FDR decision and query mapping (2: class Gaussians)
+FORMAT_VERSION = 4  # 4: an ensemble of networks (3: one network; read as a one-member ensemble)
+#: Oldest format this version reads (3: conformal FDR decision and query mapping; 2: class Gaussians).
+OLDEST_FORMAT_VERSION = 3
 CONFIG_FILE, WEIGHTS_FILE, EMBEDDER_FILE = "config.json", "weights.safetensors", "embedder.safetensors"
 NOVELTY_FILE = "novelty.safetensors"
 
@@ -122,7 +124,7 @@ class SpikGPTModel:
     """A trained annotator. Build one with :func:`spikgpt.train`, restore with :meth:`load`."""
 
     embedder: Embedder
-    network: SpikingTransformer
+    network: SpikingEnsemble
     classes: list[str]
     input_mean: np.ndarray
     input_std: np.ndarray
@@ -140,7 +142,8 @@ class SpikGPTModel:
         kind = "spiking" if cfg.spiking else "non-spiking twin"
         return (
             f"SpikGPTModel({len(self.classes)} cell types, embedder={self.embedder.spec!r}, "
-            f"{kind} T={self.network.time_steps} L={cfg.depth} D={cfg.dim} N={cfg.n_tokens} "
+            f"{kind} ×{len(self.network.members)} T={self.network.time_steps} L={cfg.depth} D={cfg.dim} "
+            f"N={cfg.n_tokens} "
             f"({cfg.tokenization}), Unknown at FDR {self.fdr:.0%}{', query mapping' if self.mapping else ''}, "
             f"trained on {self.summary.get('n_cells', '?')} cells)"
         )
@@ -157,7 +160,7 @@ class SpikGPTModel:
         Z = self.standardise(E)
         net = self.network.eval()
         acts = [m for m in net.modules() if isinstance(m, LIF | torch.nn.ReLU)]
-        n, T, C, D = len(Z), net.time_steps, len(self.classes), net.cfg.dim
+        n, T, C, D = len(Z), net.time_steps, len(self.classes), net.latent_dim
         # Results go straight into arrays sized for all cells: small per-batch tensors kept in
         # lists pinned the allocator's heap between batches (measured: RSS grew ~30 kB per cell,
         # 10 GB for 400,000 cells; bounded at ~250 MB this way).
@@ -467,7 +470,7 @@ class SpikGPTModel:
                 f"this spikgpt {__version__} reads up to {FORMAT_VERSION}. Upgrade spikgpt."
             )
             raise ModelFormatError(msg)
-        if cfg.get("format_version", 0) < FORMAT_VERSION:
+        if cfg.get("format_version", 0) < OLDEST_FORMAT_VERSION:
             msg = (
                 f"{path} has model format {cfg.get('format_version')} (spikgpt {cfg.get('spikgpt_version')}), "
                 f"whose Unknown rule this spikgpt {__version__} no longer reads. "
@@ -482,8 +485,12 @@ class SpikGPTModel:
             if bad:
                 msg = f"{path} holds NaN/inf in {bad[:3]}: the model is damaged. Re-train it."
                 raise ModelFormatError(msg)
-            net = SpikingTransformer(NetworkConfig.from_dict(cfg["network"]))
             mean, std = state.pop("input_mean").numpy(), state.pop("input_std").numpy()
+            if cfg["format_version"] < 4:  # one network, saved without the ensemble's prefix
+                cfg["train"]["members"] = 1
+                state = {f"members.0.{k}": v for k, v in state.items()}
+            n_members = len({k.split(".")[1] for k in state if k.startswith("members.")})
+            net = SpikingEnsemble(NetworkConfig.from_dict(cfg["network"]), max(n_members, 1))
             net.load_state_dict(state, strict=True)
             embedder = embedder_from_config(cfg["embedder"], arrays)
             nov_cfg = cfg["novelty"]

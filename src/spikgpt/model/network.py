@@ -3,7 +3,8 @@
 A cell embedding ``[B, d]`` becomes N tokens, is fed for T time steps (direct encoding) into
 L pre-activation blocks (membrane shortcut: every Linear after the input projection receives
 spikes), and the time- and token-averaged spike rate of a final LIF is read out by a linear
-head, giving logits per time step ``[T, B, C]``.
+head, giving logits per time step ``[T, B, C]``. The classifier is a :class:`SpikingEnsemble` of
+such networks, trained from different seeds, whose logits are averaged.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class HostDropout(nn.Dropout):
 
 
 class SpikingTransformer(nn.Module):
-    """The classifier; ``forward`` returns logits per time step ``[T, B, C]``."""
+    """One network of the classifier; ``forward`` returns logits per time step ``[T, B, C]``."""
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
@@ -169,3 +170,49 @@ class SpikingTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.head(self.dropout(self.features(x)))
+
+
+class SpikingEnsemble(nn.Module):
+    """The classifier: :class:`SpikingTransformer` networks of one architecture whose logits are averaged.
+
+    ``features`` concatenates the members' latents ``[T, B, members × D]``; ``head`` maps such a
+    latent to the members' mean logits, so ``head(features(x)) == forward(x)`` in eval mode.
+
+    Parameters
+    ----------
+    cfg
+        The members' architecture.
+    members
+        The networks, or how many freshly initialised ones to build.
+    """
+
+    def __init__(self, cfg: NetworkConfig, members: list[SpikingTransformer] | int = 1) -> None:
+        super().__init__()
+        if isinstance(members, int):
+            if members < 1:
+                msg = f"An ensemble needs at least one network, got {members}."
+                raise ValueError(msg)
+            members = [SpikingTransformer(cfg) for _ in range(members)]
+        if any(m.cfg != cfg for m in members):
+            msg = "Every network of an ensemble must have the ensemble's NetworkConfig."
+            raise ValueError(msg)
+        self.cfg = cfg
+        self.members = nn.ModuleList(members)
+        self.time_steps = self.members[0].time_steps
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of :meth:`features`."""
+        return self.cfg.dim * len(self.members)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' latents side by side ``[T, B, members × D]``."""
+        return torch.cat([m.features(x) for m in self.members], dim=-1)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Mean logits ``[T, B, C]`` of the members' heads on their parts of ``features``."""
+        parts = features.split(self.cfg.dim, dim=-1)
+        return torch.stack([m.head(f) for m, f in zip(self.members, parts, strict=True)]).mean(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.stack([m(x) for m in self.members]).mean(0)
