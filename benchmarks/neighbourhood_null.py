@@ -364,6 +364,7 @@ def write_results(out: Path, res: dict, lines: list[str]) -> None:
 
 
 def main() -> None:
+    global NAMES  # every function here reads the scores tested from the module
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, required=True, help="open-set cache (novelty_cache.py)")
     p.add_argument("--closed-cache", type=Path, default=None, help="closed-set cache (novelty_cache.py --closed)")
@@ -385,7 +386,6 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/neighbourhood_null"))
     args = p.parse_args()
-    global NAMES  # every function here reads the scores tested from the module
     NAMES = tuple(args.scores)
     tests = {"default": ()} | {f"m={s}": tuple(int(x) for x in s.split(",")) for s in args.neighbours}
     gate_suffix = (lambda g: f" · gate {g}") if len(args.gates) > 1 else (lambda g: "")
