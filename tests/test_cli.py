@@ -7,6 +7,8 @@ from typer.testing import CliRunner
 from spikgpt.cli import app
 
 runner = CliRunner()
+# One network, not the default ensemble of three: CI time (the ensemble's save/load is tested in model/).
+ONE = ["--members", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def pbmc_files(tmp_path_factory, pbmc):
 def test_train_annotate_round_trip_on_real_data(pbmc_files):
     d = pbmc_files
     r = runner.invoke(
-        app, ["train", str(d / "ref.h5ad"), "--label-key", "bulk_labels", "--out", str(d / "model"), "-q"]
+        app, ["train", str(d / "ref.h5ad"), "--label-key", "bulk_labels", "--out", str(d / "model"), *ONE, "-q"]
     )
     assert r.exit_code == 0, r.output
     assert (d / "model" / "config.json").exists()
@@ -70,7 +72,7 @@ def test_train_annotate_round_trip_on_real_data(pbmc_files):
 def test_annotate_zarr_in_chunks_matches_h5ad(pbmc_files):
     d = pbmc_files
     if not (d / "model").exists():
-        train = ["train", str(d / "ref.h5ad"), "--label-key", "bulk_labels", "--out", str(d / "model"), "-q"]
+        train = ["train", str(d / "ref.h5ad"), "--label-key", "bulk_labels", "--out", str(d / "model"), *ONE, "-q"]
         assert runner.invoke(app, train).exit_code == 0
     ad.read_h5ad(d / "query.h5ad").write_zarr(d / "query.zarr")
     base = ["annotate", "--model", str(d / "model"), "--chunk-size", "50", "-q"]
