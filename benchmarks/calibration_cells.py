@@ -27,6 +27,7 @@ from neighbourhood_null import TABLE_HEAD, load, lodo_lines, summarise, table_ro
 
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT
 from spikgpt.openset.decision import DEFAULT_FDR, NEIGHBOURS
+from spikgpt.openset.novelty import DEFAULT_COMBINATION
 
 
 def main() -> None:
@@ -39,8 +40,8 @@ def main() -> None:
     for spec in args.candidate:
         label, dirs = spec.split("=", 1)
         open_dir, closed_dir = (Path(x) for x in dirs.split(","))
-        open_set = load(open_dir, False, args.data_dir)
-        closed = load(closed_dir, True, args.data_dir)
+        open_set = load(open_dir, False, args.data_dir, DEFAULT_COMBINATION)
+        closed = load(closed_dir, True, args.data_dir, DEFAULT_COMBINATION)
         res[label] = summarise(open_set, closed, (NEIGHBOURS,))
         calibration_cells[label] = sorted({len(sc["calibration_statistic"]) for sc in open_set + closed})
     datasets = sorted(next(iter(res.values())))

@@ -105,6 +105,7 @@ def scenario(fitted: dict, rule: str, rows=slice(None)) -> dict:
     cal = fitted["calibration"]
     cal_stat = calibration_statistic(cal, NAMES)
     return {
+        "names": NAMES,
         "scores": scores,
         "calibration": cal,
         "calibration_statistic": cal_stat,

@@ -57,28 +57,29 @@ from spikgpt.openset.decision import (
     parse_shift,
     shift_correction,
 )
-from spikgpt.openset.novelty import DEFAULT_COMBINATION as NAMES
-from spikgpt.openset.novelty import CellOutputs
+from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs
 
 SIZES = (3, 10, 30, None)
 
 
-def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=slice(None)) -> dict:
-    """The default rule's ``−log p`` before shift correction, predictions and positions of query and calibration.
+def prepare(
+    model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, names: tuple[str, ...], rows=slice(None)
+) -> dict:
+    """The ``−log p`` of scores ``names`` before shift correction, predictions and positions of query and calibration.
 
     Models since 0.11 store their calibration cells' positions; for older ones the calibration
     cells are rebuilt from ``ref`` (0.2 held out, as those versions did) and checked.
     """
     cal_positions = model.novelty.calibration_positions()
-    stored = calibration_scores(model.novelty, cal_positions)
+    stored = calibration_scores(model.novelty, cal_positions, names)
     if cal_positions is None:
         y, _ = labels_of(ref, key)
         _, cal_idx = stratified_split(y, 0.2, min_cells=MIN_SPLIT_CELLS, seed=seed)
         E_cal, r_cal = model.embedder.embed(Cells(ref[cal_idx], **kw))
         out = model.outputs(E_cal)
         out.residual = r_cal
-        rebuilt = model.novelty.raw_scores(out, NAMES)
-        if not all(np.allclose(rebuilt[n], stored[n], rtol=1e-4, atol=1e-5) for n in NAMES):
+        rebuilt = model.novelty.raw_scores(out, names)
+        if not all(np.allclose(rebuilt[n], stored[n], rtol=1e-4, atol=1e-5) for n in names):
             msg = "calibration cells not reproduced: the cache was made with other code or data"
             raise RuntimeError(msg)
         cal_positions = out.embedding
@@ -89,10 +90,11 @@ def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=sli
     E = E - mapped.shift * model.input_std
     q = model.outputs(E)
     q.residual = z["q_residual"][rows][ok]
-    scores = model.novelty.raw_scores(q, NAMES)
-    cal_stat = calibration_statistic(stored, NAMES)
-    stat, _ = combined_statistic(scores, stored, NAMES)
+    scores = model.novelty.raw_scores(q, names)
+    cal_stat = calibration_statistic(stored, names)
+    stat, _ = combined_statistic(scores, stored, names)
     return {
+        "names": names,
         "novelty": model.novelty,
         "scores": scores,
         "calibration": stored,
@@ -106,11 +108,11 @@ def prepare(model: SpikGPTModel, ref, key: str, kw: dict, seed: int, z, rows=sli
     }
 
 
-def calibration_scores(novelty, positions: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The stored calibration scores ``NAMES``; an embedding-space score that models older than it lack is computed
+def calibration_scores(novelty, positions: np.ndarray | None, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The stored calibration scores ``names``; an embedding-space score that models older than it lack is computed
     from the calibration cells' positions (models since 0.11)."""
-    missing = [n for n in NAMES if f"cal_{n}" not in novelty.state]
-    stored = {n: novelty.state[f"cal_{n}"] for n in NAMES if n not in missing}
+    missing = [n for n in names if f"cal_{n}" not in novelty.state]
+    stored = {n: novelty.state[f"cal_{n}"] for n in names if n not in missing}
     if missing:
         stored |= embedding_scores(novelty, positions, tuple(missing))
         if any(len(v) != len(positions) for v in stored.values()):
@@ -127,8 +129,8 @@ def embedding_scores(novelty, X: np.ndarray, names: tuple[str, ...]) -> dict[str
 
 def with_scale_power(sc: dict, power: float) -> dict:
     """``sc`` rescored with ``scaled_mahalanobis_embedding`` at ``CLASS_SCALE_POWER = power``."""
-    name = "scaled_mahalanobis_embedding"
-    if name not in NAMES:
+    name, names = "scaled_mahalanobis_embedding", sc["names"]
+    if name not in names:
         return sc
     saved = novelty_module.CLASS_SCALE_POWER
     novelty_module.CLASS_SCALE_POWER = power  # the scorer recomputes its class scales for a new power
@@ -137,8 +139,8 @@ def with_scale_power(sc: dict, power: float) -> dict:
         cal = {**sc["calibration"], **embedding_scores(sc["novelty"], sc["Zc"], (name,))}
     finally:
         novelty_module.CLASS_SCALE_POWER = saved
-    cal_stat = calibration_statistic(cal, NAMES)
-    L = neglog_pvalues(combined_statistic(scores, cal, NAMES)[0], cal_stat)
+    cal_stat = calibration_statistic(cal, names)
+    L = neglog_pvalues(combined_statistic(scores, cal, names)[0], cal_stat)
     return {**sc, "scores": scores, "calibration": cal, "calibration_statistic": cal_stat, "L": L, "power": power}
 
 
@@ -162,7 +164,7 @@ def pvalues(
         return decide(
             {n: v[idx] for n, v in sc["scores"].items()},
             sc["calibration"],
-            NAMES,
+            sc["names"],
             calibration_statistics=sc["calibration_statistic"],
             shift=shift,
             null_cells=sc["matched"][idx],
@@ -213,8 +215,8 @@ def size_mean(rows: list[dict], key: str, sizes: list) -> float:
     return float(np.mean([np.mean([r[key] for r in rows if r["size"] == s]) for s in sizes]))
 
 
-def load(cache: Path, closed: bool, data_root: Path) -> list[dict]:
-    """Every cached scenario (closed: every query variant) with its calibration cells rebuilt."""
+def load(cache: Path, closed: bool, data_root: Path, names: tuple[str, ...]) -> list[dict]:
+    """Every cached scenario (closed: every query variant) scored with ``names``, its calibration cells rebuilt."""
     seeds = sorted({int(f.stem.rsplit("__s", 1)[1]) for f in cache.glob("*.npz")})
     out = []
     for seed in seeds:
@@ -225,7 +227,9 @@ def load(cache: Path, closed: bool, data_root: Path) -> list[dict]:
                 continue
             z, model = np.load(f), SpikGPTModel.load(f.with_suffix(""))
             for v, rows in (variants or {"": slice(None)}).items():
-                out.append({"name": f.stem + v, "dataset": dataset, **prepare(model, ref, key, kw, seed, z, rows)})
+                out.append(
+                    {"name": f.stem + v, "dataset": dataset, **prepare(model, ref, key, kw, seed, z, names, rows)}
+                )
             print(f.stem, flush=True)
     return out
 
@@ -364,7 +368,6 @@ def write_results(out: Path, res: dict, lines: list[str]) -> None:
 
 
 def main() -> None:
-    global NAMES  # every function here reads the scores tested from the module
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, required=True, help="open-set cache (novelty_cache.py)")
     p.add_argument("--closed-cache", type=Path, default=None, help="closed-set cache (novelty_cache.py --closed)")
@@ -372,7 +375,12 @@ def main() -> None:
     p.add_argument("--gates", type=float, nargs="+", default=[GATE], help="shift-correction gates (decision.GATE)")
     p.add_argument("--gate-quantiles", type=float, nargs="+", default=[GATE_QUANTILE], help="decision.GATE_QUANTILE")
     p.add_argument("--shifts", nargs="+", default=[DEFAULT_SHIFT], help="SHIFT_MODES[@matched]")
-    p.add_argument("--scores", nargs="+", default=list(NAMES), help="the combined scores (novelty.DEFAULT_COMBINATION)")
+    p.add_argument(
+        "--scores",
+        nargs="+",
+        default=list(DEFAULT_COMBINATION),
+        help="the combined scores (novelty.DEFAULT_COMBINATION)",
+    )
     p.add_argument(
         "--scale-powers",
         type=float,
@@ -386,7 +394,7 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/neighbourhood_null"))
     args = p.parse_args()
-    NAMES = tuple(args.scores)
+    names = tuple(args.scores)
     tests = {"default": ()} | {f"m={s}": tuple(int(x) for x in s.split(",")) for s in args.neighbours}
     gate_suffix = (lambda g: f" · gate {g}") if len(args.gates) > 1 else (lambda g: "")
     quantile_suffix = (lambda q: f" · q{q:g}") if len(args.gate_quantiles) > 1 else (lambda q: "")
@@ -401,8 +409,8 @@ def main() -> None:
         for name, ms in tests.items()
     }
     admissible = {(g, q): keeps_a_new_type_that_fills_its_type(g, q) for g in args.gates for q in args.gate_quantiles}
-    open_set = load(args.cache, False, args.data_dir)
-    closed = load(args.closed_cache, True, args.data_dir) if args.closed_cache else []
+    open_set = load(args.cache, False, args.data_dir, names)
+    closed = load(args.closed_cache, True, args.data_dir, names) if args.closed_cache else []
     datasets = sorted({sc["dataset"] for sc in open_set})
     res, lines = {}, []
     lines += [
