@@ -175,7 +175,7 @@ def _refit_network(
     epochs = min(cfg.max_epochs, max(int(first["best_epoch"]) + 1, floor))
     final = replace(cfg, val_fraction=0.0, max_epochs=epochs)
     net, history = fit_network(model.standardise(E[ok]), y[ok], model.network.cfg, final, seed=seed, progress=progress)
-    model.network = net
+    model.network, model.train_config = net, cfg  # the calibration network's config said members=1
     in_fit = np.zeros(len(y), dtype=bool)
     in_fit[fit_idx] = True
     model.novelty = NoveltyScorer().fit(model.outputs(E[in_fit & ok]), y[in_fit & ok], seed=seed)
@@ -392,7 +392,6 @@ def _train(
                 model, _, _ = _fit_pipeline(cells.subset(fit_idx), y[fit_idx], **fit, progress=progress)
                 model.classes, correct = classes, np.zeros(0, dtype=bool)
     calibration = {"n_cells": int(len(correct)), "folds": k if crossfit else 1}
-    model.train_config = cfg  # the calibration network's may say members=1
     model.novelty_method, model.fdr, model.mapping = novelty, fdr, mapping
     if len(correct):
         model.novelty.calibrate(scores, positions, seed=seed)
