@@ -136,3 +136,32 @@ def test_missing_folder_and_nan_weights_are_clear_errors(trained, tmp_path):
     save_file(w, tmp_path / "m" / "weights.safetensors")
     with pytest.raises(ModelFormatError, match="NaN"):
         SpikGPTModel.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("spiking", [True, False])
+def test_firing_rates_are_each_cells_share_of_active_units(trained, counts, spiking):
+    import copy
+    from dataclasses import replace
+
+    import torch
+
+    from spikgpt.data import Cells
+    from spikgpt.model.network import SpikingEnsemble
+    from spikgpt.snn import LIF
+
+    model = copy.copy(trained)
+    if not spiking:  # the twin's ReLUs, untrained: rates come from the same hooks
+        model.network = SpikingEnsemble(replace(trained.network.cfg, spiking=False), members=2)
+    E = model.embedder.transform(Cells(counts))
+    acts = [m for m in model.network.modules() if isinstance(m, LIF | torch.nn.ReLU)]
+    seen = {i: [] for i in range(len(acts))}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, i=i: seen[i].append(o.clone())) for i, m in enumerate(acts)]
+    try:
+        firing = model.outputs(E, batch_size=7).firing  # several batches, the last one short
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, outs in seen.items():  # [T, B, ...] per batch → each cell's share of units > 0
+        expected = torch.cat([(o > 0).float().transpose(0, 1).flatten(1).mean(1) for o in outs]).numpy()
+        np.testing.assert_allclose(firing[:, i], expected, rtol=1e-6, err_msg=f"layer {i}")
+    assert 0 < firing.mean() < 1
