@@ -422,6 +422,10 @@ def bench(
         int | None,
         typer.Option(help="Train every method on a seeded, stratified sample of this many reference cells."),
     ] = None,
+    members: Annotated[
+        int | None,
+        typer.Option(help="Networks of spikgpt's and the twin's classifiers (default: the TrainConfig default, 3)."),
+    ] = None,
     data_root: Annotated[
         Path | None,
         typer.Option(
@@ -447,6 +451,7 @@ def bench(
             composition=composition,
             data_root=data_root,
             reference_cells=reference_cells,
+            members=members,
         )
     except (ValueError, FileNotFoundError) as err:
         _fail(err)

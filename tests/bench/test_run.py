@@ -24,11 +24,15 @@ def test_bench_smoke_writes_results_tables_and_figures(tmp_path):
             # a stratified 200-cell reference (>= 2 cells of every type): the option tested, CI time halved
             "--reference-cells",
             "200",
+            # one network per classifier: the option tested (the ensemble is tested in tests/model)
+            "--members",
+            "1",
             "-q",
         ],
     )
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "results.json").read_text())
+    assert res["members"] == 1 and "1 network(s)" in (tmp_path / "results.md").read_text()
     # the query and its two composition-shifted variants, scored by the same models
     variants = sorted(res["tasks"])
     assert len(variants) == 3 and all(v.startswith("pbmc68k_split") for v in variants)
@@ -118,3 +122,5 @@ def test_bench_rejects_a_reference_size_below_two(tmp_path):
 
     with pytest.raises(ValueError, match="reference-cells"):
         run_bench(tmp_path, tasks=["pbmc68k_split"], reference_cells=0, peers=())
+    with pytest.raises(ValueError, match="--members"):
+        run_bench(tmp_path, tasks=["pbmc68k_split"], members=0, peers=())

@@ -23,6 +23,7 @@ from spikgpt.bench.baselines import DEFAULT_PEERS, PEERS, MethodResult, embeddin
 from spikgpt.bench.metrics import closed_set
 from spikgpt.bench.openset import leave_one_type_out, score_aurocs
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS, Task, subsample_reference
+from spikgpt.model.training import TrainConfig
 from spikgpt.openset.novelty import SCORES
 
 logger = logging.getLogger("spikgpt")
@@ -37,9 +38,10 @@ NOVELTY_NOTE = (
 )
 
 
-def _train_spikgpt(ref, task: Task, seed: int, spiking: bool):
+def _train_spikgpt(ref, task: Task, seed: int, spiking: bool, members: int | None = None):
     t0 = time.perf_counter()
-    model = train(ref, task.label_key, seed=seed, progress=False, network={"spiking": spiking}, **task.input_kw)
+    kw = {} if members is None else {"train_config": TrainConfig(members=members)}
+    model = train(ref, task.label_key, seed=seed, progress=False, network={"spiking": spiking}, **task.input_kw, **kw)
     return model, time.perf_counter() - t0
 
 
@@ -123,12 +125,14 @@ def run_task(
     venv_prefix: str,
     composition: bool = False,
     reference_cells: int | None = None,
+    members: int | None = None,
 ) -> dict[str, dict]:
     """Every method on one task (and, with ``composition``, its query variants), over seeds.
 
     Models are trained once per seed and annotate every variant of the query. With
     ``reference_cells`` every method sees the same seeded, stratified sample of the reference
-    (:func:`~spikgpt.bench.tasks.subsample_reference`). Returns one result
+    (:func:`~spikgpt.bench.tasks.subsample_reference`); ``members`` sets the networks of spikgpt's
+    and the twin's classifier (:class:`~spikgpt.model.training.TrainConfig`). Returns one result
     per variant, keyed by the task name plus the variant's suffix; open-set scores and figures
     come from the unchanged query (figures for the first seed).
     """
@@ -140,8 +144,8 @@ def run_task(
         if reference_cells is not None:
             ref = subsample_reference(ref, task.label_key, reference_cells, seed)
         classes = sorted(set(ref.obs[task.label_key].astype(str)))
-        spiking, spiking_s = _train_spikgpt(ref, task, seed, spiking=True)
-        twin, twin_s = _train_spikgpt(ref, task, seed, spiking=False)
+        spiking, spiking_s = _train_spikgpt(ref, task, seed, spiking=True, members=members)
+        twin, twin_s = _train_spikgpt(ref, task, seed, spiking=False, members=members)
         variants = query_variants(full_query, task.label_key, classes, seed) if composition else [("", full_query)]
         for suffix, query in variants:
             name = task.name + suffix
@@ -294,6 +298,8 @@ def markdown(results: dict) -> str:
         lines.append(
             f"Every reference subsampled to {results['reference_cells']} cells (seeded, stratified, per seed)."
         )
+    if results.get("members"):
+        lines.append(f"spikgpt's and the twin's classifiers: {results['members']} network(s) each.")
     return "\n".join(lines) + "\n"
 
 
@@ -308,6 +314,7 @@ def run_bench(
     data_root: str | os.PathLike | None = None,
     venv_prefix: str = ".venv-",
     reference_cells: int | None = None,
+    members: int | None = None,
 ) -> dict:
     """Run the benchmark and write ``results.json``, ``results.md`` and ``figures/`` into ``out``.
 
@@ -336,6 +343,9 @@ def run_bench(
     reference_cells
         Train every method on a seeded, stratified sample of this many reference cells (the
         100–500-cell references of plate-based studies); the whole reference by default.
+    members
+        Networks of the classifier's ensemble (spikgpt's and the twin's, leave-one-type-out
+        included); the default :class:`~spikgpt.model.training.TrainConfig`'s by default.
 
     Returns
     -------
@@ -358,7 +368,10 @@ def run_bench(
     if reference_cells is not None and reference_cells < 2:
         msg = f"reference_cells (--reference-cells) must be at least 2 (e.g. 100), got {reference_cells}."
         raise ValueError(msg)
-    results: dict = {"tasks": {}, "seeds": seeds, "reference_cells": reference_cells}
+    if members is not None and members < 1:
+        msg = f"members (--members) must be at least 1, got {members}."
+        raise ValueError(msg)
+    results: dict = {"tasks": {}, "seeds": seeds, "reference_cells": reference_cells, "members": members}
     for n in names:
         logger.info("Task %s", n)
         results["tasks"].update(
@@ -371,6 +384,7 @@ def run_bench(
                 venv_prefix=venv_prefix,
                 composition=composition,
                 reference_cells=reference_cells,
+                members=members,
             )
         )
     if loto:
@@ -379,7 +393,11 @@ def run_bench(
             task = TASKS[n]
             adata = task.read_reference(root)
             results["leave_one_type_out"][n] = leave_one_type_out(
-                adata, task.label_key, seed=seeds[0], input_kw=task.input_kw
+                adata,
+                task.label_key,
+                seed=seeds[0],
+                input_kw=task.input_kw,
+                train_kw=None if members is None else {"train_config": TrainConfig(members=members)},
             )
     results["seconds"] = time.perf_counter() - t0
     results["hardware"] = {
