@@ -6,7 +6,11 @@ rerunning them. Prints a markdown table (macro-F1 mean ± s.d. over seeds) and t
 at or above the best peer, at or above logistic regression on spikgpt's embedding, and with a
 seed s.d. ≤ 0.03.
 
-Usage: ``python benchmarks/against_peers.py NEW/results.json --peers benchmarks/results/bench/results.json``
+Several spikgpt-only runs (other seeds of the same tasks, e.g. ``run_bench(..., seeds=[3, 4])``
+beside a 3-seed run) are pooled: their seeds are concatenated per task and method.
+
+Usage: ``python benchmarks/against_peers.py NEW/results.json [MORE/results.json ...] --peers
+benchmarks/results/bench/results.json``
 """
 
 from __future__ import annotations
@@ -27,12 +31,26 @@ def mean_sd(runs: list[dict], key: str = "macro_f1") -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def pooled(runs: list[dict]) -> dict:
+    """The tasks of several bench results with every method's per-seed rows concatenated."""
+    seeds = [s for r in runs for s in r["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        msg = f"The runs repeat a seed ({seeds}): pool runs of distinct seeds."
+        raise SystemExit(msg)
+    tasks = {n: {**t, "methods": {k: list(v) for k, v in t["methods"].items()}} for n, t in runs[0]["tasks"].items()}
+    for r in runs[1:]:
+        for name, t in r["tasks"].items():
+            for method, rows in t["methods"].items():
+                tasks[name]["methods"][method] += rows
+    return tasks
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("new", type=Path, help="results.json of the spikgpt-only run")
+    p.add_argument("new", type=Path, nargs="+", help="results.json of the spikgpt-only run(s), pooled")
     p.add_argument("--peers", type=Path, default=Path("benchmarks/results/bench/results.json"))
     args = p.parse_args()
-    new = json.loads(args.new.read_text())["tasks"]
+    new = pooled([json.loads(path.read_text()) for path in args.new])
     old = json.loads(args.peers.read_text())["tasks"]
     above_peer = above_lr = stable = 0
     head = ("task", "spikgpt", "spikgpt (peers' run)", "best peer", "LR on embedding", "non-spiking twin")
