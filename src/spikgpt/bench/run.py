@@ -38,10 +38,10 @@ NOVELTY_NOTE = (
 )
 
 
-def _train_spikgpt(ref, task: Task, seed: int, spiking: bool, members: int | None = None):
+def _train_spikgpt(ref, task: Task, seed: int, spiking: bool, train_kw: dict):
     t0 = time.perf_counter()
-    kw = {} if members is None else {"train_config": TrainConfig(members=members)}
-    model = train(ref, task.label_key, seed=seed, progress=False, network={"spiking": spiking}, **task.input_kw, **kw)
+    network = {"spiking": spiking}
+    model = train(ref, task.label_key, seed=seed, progress=False, network=network, **task.input_kw, **train_kw)
     return model, time.perf_counter() - t0
 
 
@@ -125,14 +125,14 @@ def run_task(
     venv_prefix: str,
     composition: bool = False,
     reference_cells: int | None = None,
-    members: int | None = None,
+    train_kw: dict | None = None,
 ) -> dict[str, dict]:
     """Every method on one task (and, with ``composition``, its query variants), over seeds.
 
     Models are trained once per seed and annotate every variant of the query. With
     ``reference_cells`` every method sees the same seeded, stratified sample of the reference
-    (:func:`~spikgpt.bench.tasks.subsample_reference`); ``members`` sets the networks of spikgpt's
-    and the twin's classifier (:class:`~spikgpt.model.training.TrainConfig`). Returns one result
+    (:func:`~spikgpt.bench.tasks.subsample_reference`); ``train_kw`` goes to :func:`spikgpt.train`
+    for spikgpt and the twin (e.g. a ``train_config``). Returns one result
     per variant, keyed by the task name plus the variant's suffix; open-set scores and figures
     come from the unchanged query (figures for the first seed).
     """
@@ -144,8 +144,8 @@ def run_task(
         if reference_cells is not None:
             ref = subsample_reference(ref, task.label_key, reference_cells, seed)
         classes = sorted(set(ref.obs[task.label_key].astype(str)))
-        spiking, spiking_s = _train_spikgpt(ref, task, seed, spiking=True, members=members)
-        twin, twin_s = _train_spikgpt(ref, task, seed, spiking=False, members=members)
+        spiking, spiking_s = _train_spikgpt(ref, task, seed, spiking=True, train_kw=train_kw or {})
+        twin, twin_s = _train_spikgpt(ref, task, seed, spiking=False, train_kw=train_kw or {})
         variants = query_variants(full_query, task.label_key, classes, seed) if composition else [("", full_query)]
         for suffix, query in variants:
             name = task.name + suffix
@@ -371,6 +371,8 @@ def run_bench(
     if members is not None and members < 1:
         msg = f"members (--members) must be at least 1, got {members}."
         raise ValueError(msg)
+    # one set of training options for every model the bench trains (leave-one-type-out's included)
+    train_kw = {} if members is None else {"train_config": TrainConfig(members=members)}
     results: dict = {"tasks": {}, "seeds": seeds, "reference_cells": reference_cells, "members": members}
     for n in names:
         logger.info("Task %s", n)
@@ -384,7 +386,7 @@ def run_bench(
                 venv_prefix=venv_prefix,
                 composition=composition,
                 reference_cells=reference_cells,
-                members=members,
+                train_kw=train_kw,
             )
         )
     if loto:
@@ -397,7 +399,7 @@ def run_bench(
                 task.label_key,
                 seed=seeds[0],
                 input_kw=task.input_kw,
-                train_kw=None if members is None else {"train_config": TrainConfig(members=members)},
+                train_kw=train_kw,
             )
     results["seconds"] = time.perf_counter() - t0
     results["hardware"] = {
