@@ -78,7 +78,7 @@ def prepare(
         E_cal, r_cal = model.embedder.embed(Cells(ref[cal_idx], **kw))
         out = model.outputs(E_cal)
         out.residual = r_cal
-        rebuilt = model.novelty.raw_scores(out, names)
+        rebuilt = model.raw_scores(out, names)
         if not all(np.allclose(rebuilt[n], stored[n], rtol=1e-4, atol=1e-5) for n in names):
             msg = "calibration cells not reproduced: the cache was made with other code or data"
             raise RuntimeError(msg)
@@ -90,7 +90,7 @@ def prepare(
     E = E - mapped.shift * model.input_std
     q = model.outputs(E)
     q.residual = z["q_residual"][rows][ok]
-    scores = model.novelty.raw_scores(q, names)
+    scores = model.raw_scores(q, names)
     cal_stat = calibration_statistic(stored, names)
     stat, _ = combined_statistic(scores, stored, names)
     return {

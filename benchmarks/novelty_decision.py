@@ -91,7 +91,7 @@ def _scores(sc: dict, model: SpikGPTModel) -> dict:
         pred_index = o.probs.argmax(axis=1)
         pred = np.asarray(model.classes)[pred_index]
         sc["mapped"][mapping] = {
-            **{f"q_{n}": v for n, v in model.novelty.raw_scores(o).items()},
+            **{f"q_{n}": v for n, v in model.raw_scores(o).items()},
             "pred": pred_index,
             "macro_f1": float(f1_score(truth[known], pred[known], labels=sorted(set(truth[known])), average="macro")),
         }

@@ -65,7 +65,7 @@ def time_parts(model: spikgpt.SpikGPTModel, cells: Cells, repeats: int) -> dict[
         t4 = time.perf_counter()
         positions = model.novelty.calibration_positions()
         decide(  # as SpikGPTModel.decide_unknown calls it: type-by-type shift, neighbourhoods
-            model.novelty.raw_scores(out, names),
+            model.raw_scores(out, names),
             model.novelty.calibration_scores(names),
             names,
             calibration_statistics=model._calibration_statistic(names),

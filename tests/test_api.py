@@ -274,7 +274,7 @@ def test_whole_input_is_validated_before_the_split(counts):
         spikgpt.train(empty_genes, "cell_type", progress=False)
 
 
-def test_cross_fitted_calibration_scores_every_cell_and_the_final_model_sees_them_all():
+def test_cross_fitted_calibration_scores_every_cell_and_the_final_model_sees_them_all(caplog):
     ref = synthetic_counts({"A": 60, "B": 60, "C": 3}, seed=5)
     crossfit = spikgpt.train(ref, "cell_type", train_config=FAST, calibration_folds=5, progress=False)
     held_out = spikgpt.train(ref, "cell_type", train_config=FAST, progress=False)
@@ -289,6 +289,11 @@ def test_cross_fitted_calibration_scores_every_cell_and_the_final_model_sees_the
     # held-out cells have them, cross-fitted ones (each placed by its own fold model) do not
     assert held_out.novelty.calibration_positions().shape == (24, len(held_out.input_mean))
     assert crossfit.novelty.calibration_positions() is None
+    # scores that read a network: fold networks scored the calibration cells, the ensemble the query
+    with caplog.at_level("WARNING", logger="spikgpt"):
+        spikgpt.annotate(ref[:30], crossfit, novelty="energy", copy=True)
+        spikgpt.annotate(ref[:30], crossfit, novelty="energy", copy=True)
+    assert sum("energy: the calibration cells were scored by fold networks" in r.message for r in caplog.records) == 1
     first = held_out.summary["calibration_network"]  # then refitted on all 123 cells
     assert first["n_train"] + first["n_val"] == 99 and held_out.summary["history"]["n_train"] == 123
     with pytest.raises(InputError, match="calibration_folds"):
@@ -316,6 +321,26 @@ def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_u
     np.testing.assert_allclose(a["spikgpt_pvalue"], b["spikgpt_pvalue"], rtol=1e-7, atol=0)
     assert (a["spikgpt_label"] == "Unknown").equals(b["spikgpt_label"] == "Unknown")
     assert (a["spikgpt_raw_label"].astype(str) != b["spikgpt_raw_label"].astype(str)).mean() < 0.2
+    # Scores that read a network come from the calibration network, which scored the calibration
+    # cells: rescoring those cells through the refitted model reproduces their stored scores (the
+    # ensemble would not: it saw them, and its latent is two members' side by side).
+    from spikgpt.api import labels_of
+    from spikgpt.data import Cells
+    from spikgpt.model.training import MIN_SPLIT_CELLS, stratified_split
+    from spikgpt.openset.novelty import NETWORK_SCORES
+
+    assert len(refit.calibration_network.members) == 1 and refit.calibration_network is not refit.network
+    assert held_out.calibration_network is None
+    y, _ = labels_of(counts, "cell_type")
+    _, cal = stratified_split(y, 0.2, min_cells=MIN_SPLIT_CELLS, seed=3)
+    names = tuple(sorted(NETWORK_SCORES))
+    E, _ = refit.embed(Cells(counts[cal]), names)
+    rescored = refit.raw_scores(refit.outputs(E), names)
+    stored = refit.novelty.calibration_scores(names)
+    for name in names:
+        np.testing.assert_allclose(rescored[name], stored[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    ensemble = refit.novelty.raw_scores(refit.outputs(E), ("max_prob",))["max_prob"]
+    assert not np.allclose(ensemble, stored["max_prob"], rtol=1e-4, atol=1e-5)
     # at least refit_min_steps optimiser steps (5 per epoch here), within max_epochs
     floor = {**kw, "train_config": replace(FAST, refit_min_steps=200, max_epochs=60)}
     assert spikgpt.train(counts, "cell_type", **floor).summary["history"]["epochs_run"] == 40

@@ -152,7 +152,6 @@ def _refit_network(
     model: SpikGPTModel,
     cells,
     y: np.ndarray,
-    fit_idx: np.ndarray,
     cfg: TrainConfig,
     *,
     seed: int,
@@ -163,10 +162,10 @@ def _refit_network(
     The first (calibration) network is a single member; the refit trains the ``cfg.members``
     networks of the final classifier. They train for the epochs that early stopping chose for
     the first network, but at least ``cfg.refit_min_steps`` optimiser steps and at most
-    ``cfg.max_epochs``, with no cell held out. Embedder, scaling and the embedding-space novelty
-    statistics stay those fitted without the calibration cells, so the default Unknown rule
-    (which reads only those) is unchanged; the latent-space statistics are re-fitted on the new
-    networks' outputs of the same cells.
+    ``cfg.max_epochs``, with no cell held out. Embedder, scaling and every novelty statistic
+    stay those fitted without the calibration cells, and the first network is kept as the
+    model's ``calibration_network``: the scores that read a network are computed with it, the
+    network that scored the calibration cells, so every Unknown rule is unchanged by the refit.
     """
     E, ok = _reference_embedding(model.embedder, cells)
     first = model.summary["history"]
@@ -175,10 +174,8 @@ def _refit_network(
     epochs = min(cfg.max_epochs, max(int(first["best_epoch"]) + 1, floor))
     final = replace(cfg, val_fraction=0.0, max_epochs=epochs)
     net, history = fit_network(model.standardise(E[ok]), y[ok], model.network.cfg, final, seed=seed, progress=progress)
+    model.calibration_network = model.network
     model.network, model.train_config = net, cfg  # the calibration network's config said members=1
-    in_fit = np.zeros(len(y), dtype=bool)
-    in_fit[fit_idx] = True
-    model.novelty = NoveltyScorer().fit(model.outputs(E[in_fit & ok]), y[in_fit & ok], seed=seed)
     model.summary["history"] = {k: v for k, v in history.items() if not isinstance(v, list)}
     model.summary["calibration_network"] = first
 
@@ -186,7 +183,7 @@ def _refit_network(
 def _held_out_scores(model: SpikGPTModel, cells, y: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Novelty scores of cells ``model`` never saw, whether it labels them right, and their standardised embedding."""
     out, ok = _embedded_outputs(model, cells)
-    return model.novelty.raw_scores(out), out.probs.argmax(axis=1) == y[ok], out.embedding
+    return model.raw_scores(out), out.probs.argmax(axis=1) == y[ok], out.embedding
 
 
 def train(
@@ -258,10 +255,11 @@ def train(
         After calibrating on held-out cells, train the classifier again on every reference
         cell (calibration and validation cells included) for the number of epochs early
         stopping chose, at least ``TrainConfig.refit_min_steps`` optimiser steps. Embedder,
-        scaling and the default novelty statistics keep their held-out fit, so the Unknown
-        rule is unchanged. Doubles training time. Chosen leave-one-dataset-out over full-size
-        and 100-cell references (README, "Design decisions"). ``summary["calibration_network"]``
-        keeps the first network's history.
+        scaling and the novelty statistics keep their held-out fit, and the first network
+        stays in the model (``calibration_network``) to compute the novelty scores that read a
+        network, so the Unknown rule is unchanged. Doubles training time. Chosen
+        leave-one-dataset-out over full-size and 100-cell references (README, "Design
+        decisions"). ``summary["calibration_network"]`` keeps the first network's history.
     novelty
         Default novelty score for ``Unknown`` (see :mod:`spikgpt.openset.novelty`):
         ``"combined"`` or one of its components.
@@ -387,7 +385,7 @@ def _train(
                 scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
                 how = "held out of training"
                 if refit:
-                    _refit_network(model, cells, y, fit_idx, cfg, seed=seed, progress=progress)
+                    _refit_network(model, cells, y, cfg, seed=seed, progress=progress)
             else:
                 model, _, _ = _fit_pipeline(cells.subset(fit_idx), y[fit_idx], **fit, progress=progress)
                 model.classes, correct = classes, np.zeros(0, dtype=bool)

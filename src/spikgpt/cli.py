@@ -106,6 +106,14 @@ def train(
         int,
         typer.Option(help="Networks in the classifier's ensemble, trained from seeds seed, seed + 1, …", min=1),
     ] = 3,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes training the ensemble's networks side by side (same networks for any number); "
+            "default: one per CPU core, up to --members.",
+            min=1,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -137,7 +145,7 @@ def train(
             calibration_folds=calibration_folds,
             refit=not no_refit,
             min_cells_per_class=min_cells_per_class,
-            train_config=TrainConfig(members=members),
+            train_config=TrainConfig(members=members, workers=workers),
             seed=seed,
             progress=not quiet,
         )

@@ -11,6 +11,7 @@ from spikgpt.model import SpikGPTModel
 def test_save_load_identical_predictions(trained, counts, tmp_path):
     path = trained.save(tmp_path / "m")
     assert sorted(p.name for p in path.iterdir()) == [
+        "calibration_network.safetensors",  # refitted: the network that scored the calibration cells
         "config.json",
         "embedder.safetensors",
         "novelty.safetensors",
@@ -32,8 +33,8 @@ def test_save_load_identical_predictions(trained, counts, tmp_path):
     # every novelty score survives the round trip
     from spikgpt.data import Cells
 
-    ra = trained.novelty.raw_scores(trained.predict(Cells(counts)).outputs)
-    rb = loaded.novelty.raw_scores(loaded.predict(Cells(counts)).outputs)
+    ra = trained.raw_scores(trained.predict(Cells(counts)).outputs)
+    rb = loaded.raw_scores(loaded.predict(Cells(counts)).outputs)
     for name in ra:
         np.testing.assert_allclose(ra[name], rb[name], rtol=1e-6, err_msg=name)  # BLAS rounding only
     assert "cal_embedding" in trained.novelty.state  # the neighbourhood test's positions travel too

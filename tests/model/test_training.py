@@ -97,3 +97,52 @@ def test_ensemble_member_i_is_the_network_of_seed_plus_i():
             assert torch.equal(a, b), name
     assert len(hist["member_best_epochs"]) == 2
     assert not torch.equal(ens.members[0].head.weight, ens.members[1].head.weight)
+
+
+def test_members_trained_in_worker_processes_are_the_networks_trained_here():
+    X, y = three_clusters(30, 2.0)
+    net_cfg = NetworkConfig(in_dim=16, n_classes=3)
+    cfg = TrainConfig(max_epochs=6, patience=6, members=3)
+    here, here_hist = fit_network(X, y, net_cfg, replace(cfg, workers=1), **FIT)
+    apart, apart_hist = fit_network(X, y, net_cfg, replace(cfg, workers=2), **FIT)
+    for a, b in zip(here.members, apart.members, strict=True):
+        for (name, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(va, vb), name
+    assert here_hist == apart_hist and len(apart_hist["member_best_epochs"]) == 3
+    assert not torch.equal(apart.members[0].head.weight, apart.members[2].head.weight)
+
+
+def test_worker_count_follows_members_cores_and_device(monkeypatch):
+    from spikgpt.model import training
+
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (6.5, 6.0, 6.0), raising=False)
+    assert training.free_cores() == 2  # 8 cores, 6.5 busy, this process's own counted free
+    assert training.member_workers(TrainConfig(members=3, device="cpu")) == 2
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (0.4, 0.0, 0.0), raising=False)
+    assert training.member_workers(TrainConfig(members=3, device="cpu")) == 3
+    assert training.member_workers(TrainConfig(members=3, num_threads=4, device="cpu")) == 2
+    assert training.member_workers(TrainConfig(members=3, workers=1, device="cpu")) == 1
+    assert training.member_workers(TrainConfig(members=1, device="cpu")) == 1
+    assert training.member_workers(TrainConfig(members=3, device="meta")) == 1  # not the CPU: one at a time
+    with pytest.raises(ValueError, match="workers"):
+        TrainConfig(workers=0)
+
+
+def test_a_failing_worker_process_raises_with_its_error():
+    X, y = three_clusters(10, 2.0)
+    bad = NetworkConfig(in_dim=16, n_classes=2)  # class 2 has no output
+    with pytest.raises(RuntimeError, match="worker processes failed"):
+        fit_network(X, y, bad, TrainConfig(max_epochs=2, members=2, workers=2), **FIT)
+
+
+def test_without_a_python_executable_to_start_the_members_train_here(monkeypatch):
+    from spikgpt.model import training
+
+    X, y = three_clusters(10, 2.0)
+    net_cfg, cfg = NetworkConfig(in_dim=16, n_classes=3), TrainConfig(max_epochs=2, members=2)
+    here, _ = fit_network(X, y, net_cfg, replace(cfg, workers=1), **FIT)
+    monkeypatch.setattr(training.sys, "executable", "")  # an embedded interpreter
+    fallback, _ = fit_network(X, y, net_cfg, replace(cfg, workers=2), **FIT)
+    pairs = zip(here.state_dict().values(), fallback.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)

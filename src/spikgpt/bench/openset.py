@@ -28,7 +28,7 @@ def score_aurocs(model: SpikGPTModel, query: ad.AnnData, label_key: str, **input
     if unseen.all() or not unseen.any():
         return {}
     pred = model.predict(Cells(query, **input_kw))
-    raw = model.novelty.raw_scores(pred.outputs)
+    raw = model.raw_scores(pred.outputs)
     ok = pred.embedded
     out = {name: float(roc_auc_score(unseen[ok], raw[name])) for name in SCORES}
     out["decision"] = float(roc_auc_score(unseen, pred.novelty))

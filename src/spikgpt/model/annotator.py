@@ -40,17 +40,27 @@ from spikgpt.openset.decision import (
     unreachable_unknown,
     with_neighbourhood,
 )
-from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
+from spikgpt.openset.novelty import (
+    DEFAULT_COMBINATION,
+    NETWORK_SCORES,
+    SCORES,
+    CellOutputs,
+    NoveltyScorer,
+    score_names,
+)
 from spikgpt.snn import LIF
 
 logger = logging.getLogger("spikgpt")
 
 FORMAT = "spikgpt-model"
-FORMAT_VERSION = 4  # 4: an ensemble of networks (3: one network; read as a one-member ensemble)
+#: 5: the calibration network is kept beside a refitted classifier (4: an ensemble of networks;
+#: 3: one network, read as a one-member ensemble).
+FORMAT_VERSION = 5
 #: Oldest format this version reads (3: conformal FDR decision and query mapping; 2: class Gaussians).
 OLDEST_FORMAT_VERSION = 3
 CONFIG_FILE, WEIGHTS_FILE, EMBEDDER_FILE = "config.json", "weights.safetensors", "embedder.safetensors"
 NOVELTY_FILE = "novelty.safetensors"
+CALIBRATION_NETWORK_FILE = "calibration_network.safetensors"
 
 
 def is_model_folder(path: Path) -> bool:
@@ -121,7 +131,14 @@ class Classified:
 
 @dataclass
 class SpikGPTModel:
-    """A trained annotator. Build one with :func:`spikgpt.train`, restore with :meth:`load`."""
+    """A trained annotator. Build one with :func:`spikgpt.train`, restore with :meth:`load`.
+
+    ``calibration_network`` is the single network that scored the held-out calibration cells when
+    the classifier was refitted on every cell after (:func:`spikgpt.train`'s ``refit``); the
+    novelty scores that read a network's outputs are computed with it, so that query and
+    calibration cells meet the same network (:meth:`raw_scores`). ``None`` when the classifier
+    itself scored them.
+    """
 
     embedder: Embedder
     network: SpikingEnsemble
@@ -136,6 +153,7 @@ class SpikGPTModel:
     fdr: float = DEFAULT_FDR
     shift: str = DEFAULT_SHIFT
     mapping: bool = True
+    calibration_network: SpikingEnsemble | None = None
 
     def __repr__(self) -> str:
         cfg = self.network.cfg
@@ -154,11 +172,19 @@ class SpikGPTModel:
         Z = (E - self.input_mean) / self.input_std
         return np.nan_to_num(Z, nan=0.0).astype(np.float32)
 
+    def outputs(
+        self, E: np.ndarray, batch_size: int = 4096, *, progress: bool = False, network: SpikingEnsemble | None = None
+    ) -> CellOutputs:
+        """Logits, latent, standardised embedding and per-layer firing rates for embeddings ``E``.
+
+        ``network``: another network than the classifier (:attr:`calibration_network`).
+        """
+        return self._run(self.standardise(E), network or self.network, batch_size, progress)
+
     @torch.inference_mode()
-    def outputs(self, E: np.ndarray, batch_size: int = 4096, *, progress: bool = False) -> CellOutputs:
-        """Logits, latent, standardised embedding and per-layer firing rates for embeddings ``E``."""
-        Z = self.standardise(E)
-        net = self.network.eval()
+    def _run(self, Z: np.ndarray, net: SpikingEnsemble, batch_size: int = 4096, progress: bool = False) -> CellOutputs:
+        """:meth:`outputs` of standardised embeddings ``Z`` through ``net``."""
+        net = net.eval()
         acts = [m for m in net.modules() if isinstance(m, LIF | torch.nn.ReLU)]
         n, T, C, D = len(Z), net.time_steps, len(self.classes), net.latent_dim
         # Results go straight into arrays sized for all cells: small per-batch tensors kept in
@@ -194,6 +220,32 @@ class SpikGPTModel:
             for h in hooks:
                 h.remove()
         return CellOutputs(logits=torch.from_numpy(logits), latent=latent, embedding=Z, firing=firing)
+
+    def raw_scores(self, out: CellOutputs, names: tuple[str, ...] = SCORES) -> dict[str, np.ndarray]:
+        """Raw novelty scores ``names`` of cells whose classifier outputs are ``out`` (:meth:`outputs`).
+
+        Scores that read a network (:data:`~spikgpt.openset.novelty.NETWORK_SCORES`) come from the
+        :attr:`calibration_network` where the model has one: the refitted classifier has seen
+        the calibration cells and, as an ensemble, has another latent space, so its scores would
+        not be comparable with theirs (measured on pbmc68k with the ensemble: 74 % of a same-study
+        query's known cells at p ≤ 0.1 with ``knn_latent``; README, *Limits*).
+        """
+        read = sorted(NETWORK_SCORES.intersection(names))
+        crossfit = self.summary.get("calibration", {}).get("folds", 1) > 1
+        if read and self.calibration_network is not None:
+            scored = self._run(out.embedding, self.calibration_network)
+            scored.residual = out.residual
+            out = scored
+        elif read and (crossfit or "calibration_network" in self.summary) and not self.__dict__.get("_warned"):
+            self.__dict__["_warned"] = True  # once per model, not per chunk (cross-fitted, or refitted before 0.18)
+            logger.warning(
+                "%s: the calibration cells were scored by %s, the query by this model's classifier, so "
+                "these p-values are not calibrated (README, Limits). Use the default novelty, or re-train "
+                "with spikgpt >= 0.18 and held-out calibration.",
+                ", ".join(read),
+                "fold networks" if crossfit else "another network",
+            )
+        return self.novelty.raw_scores(out, names)
 
     def predict(
         self,
@@ -283,7 +335,7 @@ class SpikGPTModel:
         probs[embedded] = out.probs
         E_out = E.copy()
         E_out[embedded] = E_ok
-        scores = self.novelty.raw_scores(out, names) if self.novelty is not None and embedded.any() else {}
+        scores = self.raw_scores(out, names) if self.novelty is not None and embedded.any() else {}
         return Classified(
             E_out,
             probs,
@@ -425,6 +477,9 @@ class SpikGPTModel:
             save_numpy(arrays, tmp / EMBEDDER_FILE)
             if self.novelty is not None:
                 save_numpy({k: np.ascontiguousarray(v) for k, v in self.novelty.arrays().items()}, tmp / NOVELTY_FILE)
+            if self.calibration_network is not None:
+                cal_state = {k: v.contiguous() for k, v in self.calibration_network.state_dict().items()}
+                save_torch(cal_state, tmp / CALIBRATION_NETWORK_FILE)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -495,6 +550,11 @@ class SpikGPTModel:
             n_members = len({k.split(".")[1] for k in state if k.startswith("members.")})
             net = SpikingEnsemble(NetworkConfig.from_dict(cfg["network"]), max(n_members, 1))
             net.load_state_dict(state, strict=True)
+            cal_net = None
+            if (path / CALIBRATION_NETWORK_FILE).exists():
+                cal_net = SpikingEnsemble(net.cfg, 1)
+                cal_net.load_state_dict(load_torch(path / CALIBRATION_NETWORK_FILE), strict=True)
+                cal_net.eval()
             embedder = embedder_from_config(cfg["embedder"], arrays)
             nov_cfg = cfg["novelty"]
             scorer = None
@@ -516,6 +576,7 @@ class SpikGPTModel:
                 fdr=float(nov_cfg["fdr"]),
                 shift=str(nov_cfg["shift"]),
                 mapping=bool(cfg["mapping"]),
+                calibration_network=cal_net,
             )
         except ModelFormatError:
             raise

@@ -7,14 +7,22 @@ progress bar.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -78,6 +86,14 @@ class TrainConfig(JSONConfig):
         {1, 2, 3, 5} (README, "Design decisions", ensemble): macro-F1 rises with every member on
         every dataset, left out or not (5 is chosen leave-one-dataset-out on accuracy alone);
         3 keeps most of the gain at under twice a single network's training time.
+    workers
+        Processes that train the ensemble's members side by side, each on ``num_threads``
+        threads (members are independent: seeds ``seed + i``). ``None``: as many as there are
+        members and free CPU cores (:func:`free_cores`: those this process may use, less the
+        1-minute load average of other work) for their threads; 1 trains them one after the
+        other in this process. The networks are the same bit for
+        bit whatever the number (a worker runs exactly this process's training loop; tested).
+        CPU training only: on a GPU the members train one after the other.
     device
         Torch device of the training loop (``"cpu"``, ``"cuda"``, …); ``None`` takes the GPU when
         one is present. The trained network always comes back on the CPU. Results are
@@ -97,6 +113,7 @@ class TrainConfig(JSONConfig):
     input_noise: float = 0.0
     num_threads: int = 1
     members: int = 3
+    workers: int | None = None
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -105,6 +122,9 @@ class TrainConfig(JSONConfig):
             raise ValueError(msg)
         if self.members < 1:
             msg = f"members must be >= 1 (networks in the ensemble), got {self.members}."
+            raise ValueError(msg)
+        if self.workers is not None and self.workers < 1:
+            msg = f"workers must be >= 1 (processes training members; None: one per core), got {self.workers}."
             raise ValueError(msg)
 
 
@@ -241,16 +261,124 @@ def fit_network(
     The trained ensemble (eval mode, each member at its best validation epoch) and member 0's
     history dict, with ``"members"`` and every member's best epoch (``"member_best_epochs"``).
     """
-    nets, histories = [], []
+    workers = member_workers(cfg)
     with cpu_settings(cfg.num_threads):
-        for i in range(cfg.members):
-            desc = "training" if cfg.members == 1 else f"training {i + 1}/{cfg.members}"
-            net, history = _fit(X, y, net_cfg, cfg, seed=seed + i, progress=progress, desc=desc)
-            nets.append(net)
-            histories.append(history)
+        fitted = None
+        if workers > 1:
+            fitted = _fit_in_workers(X, y, net_cfg, cfg, seed=seed, workers=workers, progress=progress)
+        if fitted is None:
+            fitted = [
+                _fit(X, y, net_cfg, cfg, seed=seed + i, progress=progress, desc=member_desc(i, cfg.members))
+                for i in range(cfg.members)
+            ]
+    nets, histories = [f[0] for f in fitted], [f[1] for f in fitted]
     history = histories[0]
     history.update(members=cfg.members, member_best_epochs=[h["best_epoch"] for h in histories])
     return SpikingEnsemble(net_cfg, nets).eval(), history
+
+
+def member_desc(i: int, members: int) -> str:
+    """Progress-bar label of member ``i``."""
+    return "training" if members == 1 else f"training {i + 1}/{members}"
+
+
+def training_device(cfg: TrainConfig) -> torch.device:
+    """The device :func:`fit_network` trains on."""
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def member_workers(cfg: TrainConfig) -> int:
+    """How many processes train the members of ``cfg`` side by side (see ``TrainConfig.workers``)."""
+    if cfg.members < 2 or training_device(cfg).type != "cpu":
+        return 1
+    if cfg.workers is not None:
+        return min(cfg.workers, cfg.members)
+    return max(1, min(cfg.members, free_cores() // max(1, cfg.num_threads)))
+
+
+def free_cores() -> int:
+    """CPU cores this process may use (``os.sched_getaffinity``) less those busy with other work.
+
+    Busy = the 1-minute load average, this process's own core counted free (it waits while the
+    workers train): two trainings side by side on two cores (tests run by pytest-xdist, or a
+    user's parallel jobs) then train their members one after the other instead of starting
+    processes that would only compete for the same cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows has no load average
+        return cores
+    return max(1, min(cores, math.floor(cores - busy + 1)))
+
+
+def _fit_in_workers(
+    X: np.ndarray, y: np.ndarray, net_cfg: NetworkConfig, cfg: TrainConfig, *, seed: int, workers: int, progress: bool
+) -> list[tuple[SpikingTransformer, dict]] | None:
+    """Train the members in ``workers`` fresh Python processes (``python -m spikgpt.model.worker``).
+
+    Worker ``j`` trains members ``j, j + workers, …`` one after the other (one interpreter start
+    each: importing spikgpt takes seconds). A fresh interpreter, not a fork or a spawn of this
+    one: forking a process whose OpenMP pool has run can hang, and a spawn re-imports the
+    user's ``__main__`` script. ``None`` when no process could be started (an embedded Python
+    without an executable, a sandbox): the caller then trains here.
+    """
+    if not sys.executable:
+        return None
+    with tempfile.TemporaryDirectory(prefix="spikgpt-members-") as tmp:
+        job = Path(tmp)
+        np.save(job / "X.npy", np.ascontiguousarray(X))
+        np.save(job / "y.npy", np.ascontiguousarray(y))
+        (job / "job.json").write_text(json.dumps({"network": net_cfg.to_dict(), "train": cfg.to_dict(), "seed": seed}))
+        # the workers import this very spikgpt, also when it was put on sys.path at run time
+        here = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+        procs = []
+        for j in range(workers):
+            cmd = [sys.executable, "-m", "spikgpt.model.worker", str(job), *map(str, range(j, cfg.members, workers))]
+            try:
+                with (job / f"worker{j}.log").open("w") as log:  # a file, not a pipe: a full one blocks the worker
+                    procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env))
+            except OSError as err:
+                for p in procs:
+                    p.kill()
+                    p.wait()
+                logger.warning("Could not start worker processes (%s): training the networks one by one.", err)
+                return None
+        desc = f"training {cfg.members} networks, {workers} at a time"
+        bar = tqdm(total=cfg.members, desc=desc, unit="network", disable=None if progress else True, leave=False)
+        try:
+            while any(p.poll() is None for p in procs):
+                time.sleep(0.2)
+                bar.update(len(list(job.glob("member*.json"))) - bar.n)
+        finally:
+            bar.close()
+            for p in procs:  # on an interrupt or error here, no worker outlives the call
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        failed = [(job / f"worker{j}.log").read_text()[-3000:] for j, p in enumerate(procs) if p.returncode != 0]
+        if failed:
+            msg = f"Training the ensemble in worker processes failed:\n{failed[0]}"
+            raise RuntimeError(msg)
+        fitted = []
+        for i in range(cfg.members):
+            net = SpikingTransformer(net_cfg)
+            net.load_state_dict(load_file(job / f"member{i}.safetensors"), strict=True)
+            fitted.append((net.eval(), json.loads((job / f"member{i}.json").read_text())))
+        return fitted
+
+
+def fit_members(job: Path, members: list[int]) -> None:
+    """Train ``members`` of the job :func:`_fit_in_workers` wrote to ``job``; write their weights and history there."""
+    spec = json.loads((job / "job.json").read_text())
+    net_cfg, cfg = NetworkConfig.from_dict(spec["network"]), TrainConfig.from_dict(spec["train"])
+    X, y = np.load(job / "X.npy"), np.load(job / "y.npy")
+    for i in members:
+        with cpu_settings(cfg.num_threads):
+            net, history = _fit(X, y, net_cfg, cfg, seed=spec["seed"] + i, progress=False, desc="")
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, job / f"member{i}.safetensors")
+        (job / f"member{i}.json").write_text(json.dumps(history))  # written last: the member is done
 
 
 def _fit(
@@ -260,7 +388,7 @@ def _fit(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     tr, va = stratified_split(y, cfg.val_fraction, min_cells=MIN_SPLIT_CELLS, seed=seed)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = training_device(cfg)
     Xt, yt = torch.as_tensor(X[tr]).to(device), torch.as_tensor(y[tr], dtype=torch.long).to(device)
     Xv, yv = torch.as_tensor(X[va]).to(device), torch.as_tensor(y[va], dtype=torch.long).to(device)
     bs = batch_size(len(tr), cfg)

@@ -59,6 +59,10 @@ SCORES = (
     "pca_residual",
     "scaled_mahalanobis_embedding",
 )
+#: Scores read from the classifier network's outputs (logits, latent, firing); the others read
+#: only the embedding. A refitted model computes these with its calibration network
+#: (:meth:`spikgpt.SpikGPTModel.raw_scores`), the network that scored the calibration cells.
+NETWORK_SCORES = frozenset({"max_prob", "energy", "knn_latent", "mahalanobis_latent", "firing"})
 #: Chosen leave-one-dataset-out (benchmarks/novelty_decision.py; README "Unknown").
 DEFAULT_COMBINATION = ("mahalanobis_embedding", "pca_residual")
 #: ``scaled_mahalanobis_embedding``: 0 is ``mahalanobis_embedding``, 1 divides by the class's
