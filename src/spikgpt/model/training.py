@@ -366,6 +366,12 @@ def _fit_in_workers(
             net = SpikingTransformer(net_cfg)
             net.load_state_dict(load_file(job / f"member{i}.safetensors"), strict=True)
             fitted.append((net.eval(), json.loads((job / f"member{i}.json").read_text())))
+        logger.info(
+            "Trained %d networks in %d worker processes (epochs %s).",
+            cfg.members,
+            workers,
+            ", ".join(str(h["epochs_run"]) for _, h in fitted),
+        )
         return fitted
 
 
