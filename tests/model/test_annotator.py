@@ -44,7 +44,7 @@ def test_save_load_identical_predictions(trained, counts, tmp_path):
         trained.save(path)
 
 
-def test_a_one_network_model_of_format_3_loads_as_a_one_member_ensemble(counts, tmp_path):
+def test_models_of_formats_3_and_4_load(counts, tmp_path, caplog):
     from dataclasses import replace
 
     from safetensors.torch import load_file, save_file
@@ -52,8 +52,17 @@ def test_a_one_network_model_of_format_3_loads_as_a_one_member_ensemble(counts, 
 
     model = spikgpt.train(counts, "cell_type", train_config=replace(FAST, max_epochs=5, members=1), progress=False)
     path = model.save(tmp_path / "m")
-    # what spikgpt 0.15 wrote: format 3, no "members", weights without the ensemble's prefix
+    # what spikgpt 0.16–0.17 wrote: format 4, no "workers", no calibration network beside the refit
     cfg = json.loads((path / "config.json").read_text())
+    del cfg["train"]["workers"]
+    (path / "config.json").write_text(json.dumps({**cfg, "format_version": 4}))
+    (path / "calibration_network.safetensors").unlink()
+    old = spikgpt.load_model(path)
+    assert old.calibration_network is None and model.calibration_network is not None
+    with caplog.at_level("WARNING", logger="spikgpt"):
+        spikgpt.annotate(counts, old, novelty="max_prob", copy=True)
+    assert any("max_prob: the calibration cells were scored by another network" in r.message for r in caplog.records)
+    # what spikgpt 0.15 wrote: format 3, no "members", weights without the ensemble's prefix
     del cfg["train"]["members"]
     (path / "config.json").write_text(json.dumps({**cfg, "format_version": 3}))
     state = load_file(path / "weights.safetensors")
