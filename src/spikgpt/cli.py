@@ -110,7 +110,7 @@ def train(
         int | None,
         typer.Option(
             help="Processes training the ensemble's networks side by side (same networks for any number); "
-            "default: one per CPU core, up to --members.",
+            "default: one per free CPU core, up to --members.",
             min=1,
         ),
     ] = None,

@@ -179,7 +179,7 @@ class SpikGPTModel:
 
         ``network``: another network than the classifier (:attr:`calibration_network`).
         """
-        return self._run(self.standardise(E), network or self.network, batch_size, progress)
+        return self._run(self.standardise(E), self.network if network is None else network, batch_size, progress)
 
     @torch.inference_mode()
     def _run(self, Z: np.ndarray, net: SpikingEnsemble, batch_size: int = 4096, progress: bool = False) -> CellOutputs:

@@ -91,9 +91,9 @@ class TrainConfig(JSONConfig):
         threads (members are independent: seeds ``seed + i``). ``None``: as many as there are
         members and free CPU cores (:func:`free_cores`: those this process may use, less the
         1-minute load average of other work) for their threads; 1 trains them one after the
-        other in this process. The networks are the same bit for
-        bit whatever the number (a worker runs exactly this process's training loop; tested).
-        CPU training only: on a GPU the members train one after the other.
+        other in this process. The networks are the same bit for bit whatever the number (a
+        worker runs exactly this process's training loop; tested). CPU training only: on a GPU
+        the members train one after the other.
     device
         Torch device of the training loop (``"cpu"``, ``"cuda"``, …); ``None`` takes the GPU when
         one is present. The trained network always comes back on the CPU. Results are
@@ -124,7 +124,7 @@ class TrainConfig(JSONConfig):
             msg = f"members must be >= 1 (networks in the ensemble), got {self.members}."
             raise ValueError(msg)
         if self.workers is not None and self.workers < 1:
-            msg = f"workers must be >= 1 (processes training members; None: one per core), got {self.workers}."
+            msg = f"workers must be >= 1 (processes training members; None: one per free core), got {self.workers}."
             raise ValueError(msg)
 
 
