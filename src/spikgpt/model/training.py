@@ -267,19 +267,14 @@ def fit_network(
         if workers > 1:
             fitted = _fit_in_workers(X, y, net_cfg, cfg, seed=seed, workers=workers, progress=progress)
         if fitted is None:
-            fitted = [
-                _fit(X, y, net_cfg, cfg, seed=seed + i, progress=progress, desc=member_desc(i, cfg.members))
-                for i in range(cfg.members)
-            ]
+            fitted = []
+            for i in range(cfg.members):
+                desc = "training" if cfg.members == 1 else f"training {i + 1}/{cfg.members}"
+                fitted.append(_fit(X, y, net_cfg, cfg, seed=seed + i, progress=progress, desc=desc))
     nets, histories = [f[0] for f in fitted], [f[1] for f in fitted]
     history = histories[0]
     history.update(members=cfg.members, member_best_epochs=[h["best_epoch"] for h in histories])
     return SpikingEnsemble(net_cfg, nets).eval(), history
-
-
-def member_desc(i: int, members: int) -> str:
-    """Progress-bar label of member ``i``."""
-    return "training" if members == 1 else f"training {i + 1}/{members}"
 
 
 def training_device(cfg: TrainConfig) -> torch.device:
@@ -359,7 +354,10 @@ def _fit_in_workers(
                 p.wait()
         failed = [(job / f"worker{j}.log").read_text()[-3000:] for j, p in enumerate(procs) if p.returncode != 0]
         if failed:
-            msg = f"Training the ensemble in worker processes failed:\n{failed[0]}"
+            msg = (
+                "Training the ensemble in worker processes failed (TrainConfig(workers=1), `--workers 1`, "
+                f"trains in this process instead); the worker's error:\n{failed[0]}"
+            )
             raise RuntimeError(msg)
         fitted = []
         for i in range(cfg.members):
@@ -380,11 +378,11 @@ def fit_members(job: Path, members: list[int]) -> None:
     spec = json.loads((job / "job.json").read_text())
     net_cfg, cfg = NetworkConfig.from_dict(spec["network"]), TrainConfig.from_dict(spec["train"])
     X, y = np.load(job / "X.npy"), np.load(job / "y.npy")
-    for i in members:
-        with cpu_settings(cfg.num_threads):
+    with cpu_settings(cfg.num_threads):
+        for i in members:
             net, history = _fit(X, y, net_cfg, cfg, seed=spec["seed"] + i, progress=False, desc="")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, job / f"member{i}.safetensors")
-        (job / f"member{i}.json").write_text(json.dumps(history))  # written last: the member is done
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, job / f"member{i}.safetensors")
+            (job / f"member{i}.json").write_text(json.dumps(history))  # written last: the member is done
 
 
 def _fit(
