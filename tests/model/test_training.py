@@ -146,3 +146,26 @@ def test_without_a_python_executable_to_start_the_members_train_here(monkeypatch
     fallback, _ = fit_network(X, y, net_cfg, replace(cfg, workers=2), **FIT)
     pairs = zip(here.state_dict().values(), fallback.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_a_worker_that_cannot_start_stops_the_others_and_the_members_train_here(monkeypatch, caplog):
+    from spikgpt.model import training
+
+    X, y = three_clusters(10, 2.0)
+    net_cfg, cfg = NetworkConfig(in_dim=16, n_classes=3), TrainConfig(max_epochs=2, members=2)
+    here, _ = fit_network(X, y, net_cfg, replace(cfg, workers=1), **FIT)
+    started, real_popen = [], training.subprocess.Popen
+
+    def second_fails(cmd, **kw):  # e.g. a process limit reached after the first worker
+        if started:
+            raise OSError("Resource temporarily unavailable")
+        started.append(real_popen([training.sys.executable, "-c", "import time; time.sleep(60)"]))
+        return started[-1]
+
+    monkeypatch.setattr(training.subprocess, "Popen", second_fails)
+    with caplog.at_level("WARNING", logger="spikgpt"):
+        fallback, _ = fit_network(X, y, net_cfg, replace(cfg, workers=2), **FIT)
+    assert started[0].returncode is not None  # the worker already started was stopped, not left running
+    assert "Could not start worker processes (Resource temporarily unavailable)" in caplog.text
+    pairs = zip(here.state_dict().values(), fallback.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
