@@ -157,11 +157,13 @@ def pvalues(
     No test, or the package's (``ms == (NEIGHBOURS,)``), at the package's ``gate`` and gate ``quantile``:
     :func:`spikgpt.openset.decision.decide` itself with ``shift`` (``@matched``: estimated on the
     cells the query mapping matched, as :func:`spikgpt.annotate` passes them), so those rows are
-    the package's rule; other sizes and gates are computed here the same way.
+    the package's rule; other sizes and gates are computed here the same way. A scenario marked
+    ``withhold`` (a cross-fitted model's) calls nothing where the shift correction ran, as
+    :meth:`spikgpt.model.SpikGPTModel.decide_unknown` does for cross-fitted models.
     """
     default_power = sc.get("power", novelty_module.CLASS_SCALE_POWER) == novelty_module.CLASS_SCALE_POWER
     if ms in ((), (NEIGHBOURS,)) and gate == GATE and quantile == GATE_QUANTILE and default_power:
-        return decide(
+        d = decide(
             {n: v[idx] for n, v in sc["scores"].items()},
             sc["calibration"],
             sc["names"],
@@ -170,7 +172,10 @@ def pvalues(
             null_cells=sc["matched"][idx],
             groups=sc["pred"][idx],
             positions=(sc["Zq"][idx], sc["Zc"]) if ms else None,
-        ).pvalue
+        )
+        return np.ones(len(idx)) if sc.get("withhold") and d.shift["location"] > 0 else d.pvalue
+    if sc.get("withhold"):
+        raise ValueError("withheld calls are the package's rule: its gate, quantile and neighbourhoods only")
     mode, on_matched = parse_shift(shift)
     null_cells = sc["matched"][idx] if on_matched else None
     L, _ = shift_correction(sc["L"][idx], mode, null_cells, sc["pred"][idx], gate=gate, gate_quantile=quantile)

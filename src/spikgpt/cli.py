@@ -90,7 +90,10 @@ def train(
     ] = 0.2,
     calibration_folds: Annotated[
         int,
-        typer.Option(help="1: hold --calibration-fraction out to calibrate; k >= 2: cross-fit with k folds."),
+        typer.Option(
+            help="1: hold --calibration-fraction out to calibrate; k >= 2: cross-fit with k folds "
+            "(no Unknown calls in a query shifted as a whole)."
+        ),
     ] = 1,
     no_refit: Annotated[
         bool,

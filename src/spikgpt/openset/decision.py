@@ -194,8 +194,8 @@ def unreachable_unknown(
     return (
         f"{floor}: {reach}. To call a few new cells, test cells one by one with false_unknown >= {smallest:.3f} "
         "(--false-unknown), or calibrate on every reference cell with calibration_folds=5 at training "
-        "(--calibration-folds 5); either calls more known cells Unknown, most under a batch or protocol "
-        "shift (README, small references)."
+        "(--calibration-folds 5, which calls nothing in a query shifted as a whole); either calls more known "
+        "cells Unknown (README, small references)."
     )
 
 
