@@ -395,8 +395,8 @@ class SpikGPTModel:
                 positions=positions,
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
-            # A cross-fitted calibration (small references) plus the shift correction called 20-44 % of
-            # shifted known cells Unknown (benchmarks/cross_conformal.py): such a model calls none then.
+            # A cross-fitted calibration (small references) plus the shift correction called up to 20-31 %
+            # of a shifted query's known cells Unknown (benchmarks/cross_conformal.py): such a model calls none then.
             withheld = int(d.unknown.sum()) if self.cross_fitted and d.shift["location"] > 0 else 0
             unknown[embedded] = d.unknown & (withheld == 0)
             removed = {**d.shift, "unknown_withheld": withheld}
