@@ -13,7 +13,7 @@ Rules compared, every reference subsampled to ``--reference-cells`` (seeded, str
 ``spikgpt bench --reference-cells``), the package's decision (:func:`~spikgpt.openset.decision.decide`
 cell by cell: cross-fitted models have no calibration positions) at FDR 0.10:
 
-- ``cross-fitted``: the query scored by the final model (``calibration_folds=5`` today);
+- ``cross-fitted``: the query scored by the final model (``calibration_folds=5`` until 0.18);
 - ``cross-conformal mean``: the query scored by the mean over the fold models;
 - ``cross-conformal max``: by the largest over the fold models (more power, less valid);
 - ``… · no calls when shifted`` (0.19): the same, but no cell is called Unknown in a query the
