@@ -471,8 +471,8 @@ def annotate(
     - ``uns["spikgpt"]``: FDR (or ``false_unknown``), novelty score, mapping shift, global shift
       removed (``global_shift_removed``: location and scale in ``−log p`` units, how many
       predicted types were corrected on their own, and ``unknown_withheld``: the cells a
-      cross-fitted model did not call Unknown because the query was shifted as a whole, whose
-      q-values are at most the FDR), settings.
+      cross-fitted model did not call Unknown, although the rule would have, because the query
+      was shifted as a whole), settings.
 
     The query is held in memory; :func:`spikgpt.annotate_file` gives the same results for a
     file or store read in chunks (what ``spikgpt annotate`` runs).
