@@ -158,8 +158,8 @@ def pvalues(
     :func:`spikgpt.openset.decision.decide` itself with ``shift`` (``@matched``: estimated on the
     cells the query mapping matched, as :func:`spikgpt.annotate` passes them), so those rows are
     the package's rule; other sizes and gates are computed here the same way. A scenario marked
-    ``withhold`` (a cross-fitted model's) calls nothing where the shift correction ran, as
-    :meth:`spikgpt.model.SpikGPTModel.decide_unknown` does for cross-fitted models.
+    ``withhold`` (a cross-fitted model's) calls nothing where the shift correction ran
+    (``decide(withhold_under_shift=True)``, as cross-fitted models decide).
     """
     default_power = sc.get("power", novelty_module.CLASS_SCALE_POWER) == novelty_module.CLASS_SCALE_POWER
     if ms in ((), (NEIGHBOURS,)) and gate == GATE and quantile == GATE_QUANTILE and default_power:
@@ -173,6 +173,7 @@ def pvalues(
             groups=sc["pred"][idx],
             positions=(sc["Zq"][idx], sc["Zc"]) if ms else None,
         )
+        # decide(withhold_under_shift=True) at whatever FDR the caller's Benjamini–Hochberg uses
         return np.ones(len(idx)) if sc.get("withhold") and d.shift["location"] > 0 else d.pvalue
     if sc.get("withhold"):
         raise ValueError("withheld calls are the package's rule: its gate, quantile and neighbourhoods only")

@@ -126,6 +126,15 @@ def test_a_query_shifted_as_a_whole_is_not_called_unknown():
     with_group = np.concatenate([shifted, rng.gamma(2.0, 1.0, 30) * 2.5 + 60.0])
     d = decide({"a": with_group}, cal, ("a",), fdr=0.1)
     assert d.unknown[-30:].mean() >= 0.9 and d.unknown[:-30].mean() <= 0.05
+    # withheld (how cross-fitted models decide): no call once the correction ran, the same p-values
+    kept = decide({"a": with_group}, cal, ("a",), fdr=0.1, withhold_under_shift=True)
+    assert not kept.unknown.any() and kept.withheld == d.unknown.sum() >= 27
+    assert np.array_equal(kept.pvalue, d.pvalue) and np.array_equal(kept.qvalue, d.qvalue)
+    # and without a shift nothing is withheld
+    plain = {"a": np.concatenate([rng.gamma(2.0, 1.0, 1000), [60.0, 61.0, 62.0]])}
+    same = decide(plain, cal, ("a",), fdr=0.1, withhold_under_shift=True)
+    assert same.shift["location"] == 0 and same.withheld == 0
+    assert np.array_equal(same.unknown, decide(plain, cal, ("a",), fdr=0.1).unknown) and same.unknown[-3:].all()
 
 
 def test_a_shift_that_differs_between_types_is_removed_type_by_type():

@@ -231,19 +231,18 @@ class SpikGPTModel:
         query's known cells at p ≤ 0.1 with ``knn_latent``; README, *Limits*).
         """
         read = sorted(NETWORK_SCORES.intersection(names))
-        crossfit = self.cross_fitted
         if read and self.calibration_network is not None:
             scored = self._run(out.embedding, self.calibration_network)
             scored.residual = out.residual
             out = scored
-        elif read and (crossfit or "calibration_network" in self.summary) and not self.__dict__.get("_warned"):
+        elif read and (self.cross_fitted or "calibration_network" in self.summary) and not self.__dict__.get("_warned"):
             self.__dict__["_warned"] = True  # once per model, not per chunk (cross-fitted, or refitted before 0.18)
             logger.warning(
                 "%s: the calibration cells were scored by %s, the query by this model's classifier, so "
                 "these p-values are not calibrated (README, Limits). Use the default novelty, or re-train "
                 "with spikgpt >= 0.18 and held-out calibration.",
                 ", ".join(read),
-                "fold networks" if crossfit else "another network",
+                "fold networks" if self.cross_fitted else "another network",
             )
         return self.novelty.raw_scores(out, names)
 
@@ -393,21 +392,19 @@ class SpikGPTModel:
                 false_unknown=false_unknown,
                 groups=None if labels is None else np.asarray(labels)[embedded],
                 positions=positions,
+                withhold_under_shift=self.cross_fitted,
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
-            # A cross-fitted calibration (small references) plus the shift correction called up to 20-31 %
-            # of a shifted query's known cells Unknown (benchmarks/cross_conformal.py): such a model calls none then.
-            withheld = int(d.unknown.sum()) if self.cross_fitted and d.shift["location"] > 0 else 0
-            unknown[embedded] = d.unknown & (withheld == 0)
-            removed = {**d.shift, "unknown_withheld": withheld}
-            if withheld:
+            unknown[embedded] = d.unknown
+            removed = {**d.shift, "unknown_withheld": d.withheld}
+            if d.withheld:
                 logger.warning(
                     "The query is shifted as a whole (median -log p %.2f above the null) and this model's "
                     "calibration is cross-fitted: %d cell(s) that the rule would call Unknown keep their labels, "
                     "because on cross-fitted models the shift correction also called known cells Unknown "
                     "(README, small references). Their p- and q-values are kept in obs.",
                     d.shift["location"],
-                    withheld,
+                    d.withheld,
                 )
             n_cal = len(self._calibration_statistic(names))
             if why := unreachable_unknown(d.smallest, n_cal, int(embedded.sum()), fdr, false_unknown):
