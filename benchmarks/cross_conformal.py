@@ -13,13 +13,16 @@ Rules compared, every reference subsampled to ``--reference-cells`` (seeded, str
 ``spikgpt bench --reference-cells``), the package's decision (:func:`~spikgpt.openset.decision.decide`
 cell by cell: cross-fitted models have no calibration positions) at FDR 0.10:
 
-- ``cross-fitted``: the query scored by the final model (``calibration_folds=5`` until 0.18);
-- ``cross-conformal mean``: the query scored by the mean over the fold models;
+- ``cross-fitted``: the query scored by a final model fitted on every cell (``calibration_folds=5``
+  until 0.19);
+- ``cross-conformal mean``: the query scored by the mean over the fold models (0.20's
+  :meth:`spikgpt.model.SpikGPTModel.fold_scores`);
 - ``cross-conformal max``: by the largest over the fold models (more power, less valid);
 - ``… · no calls when shifted`` (0.19): the same, but no cell is called Unknown in a query the
-  shift correction judged shifted as a whole — what cross-fitted models do since 0.19
-  (:meth:`spikgpt.model.SpikGPTModel.decide_unknown`), after 0.15's run of this script found
-  20–31 % of shifted closed-set queries' known cells called Unknown.
+  shift correction judged shifted as a whole (``decide(withhold_under_shift=True)``), after 0.15's
+  run of this script found 20–31 % of shifted closed-set queries' known cells called Unknown;
+- ``… · guard`` (0.20): cells predicted as a type with no calibration cell (fewer than 5 reference
+  cells: never held out of a fold) are not tested (``decide(untested=...)``).
 
 Open set: the scenarios of ``novelty_cache.py`` (seed 0); closed set: the bench tasks with their
 composition-shifted query variants (``--closed-seeds``). Reported and chosen as
@@ -53,7 +56,8 @@ from spikgpt.openset.novelty import DEFAULT_COMBINATION as NAMES
 FOLDS = 5
 SCORINGS = ("cross-fitted", "cross-conformal mean", "cross-conformal max")
 WITHHELD = " · no calls when shifted"
-RULES = tuple(r + w for r in SCORINGS for w in ("", WITHHELD))
+GUARD = " · guard"
+RULES = tuple(r + w + g for r in SCORINGS for w in ("", WITHHELD) for g in ("", GUARD))
 
 
 def query_scores(model, query: Cells) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -117,8 +121,13 @@ def load_fitted(path: Path) -> dict:
     return out
 
 
-def scenario(fitted: dict, rule: str, rows=slice(None)) -> dict:
-    """``neighbourhood_null``'s scenario dict for one rule (no positions: cell-by-cell decision)."""
+def scenario(fitted: dict, rule: str, rows=slice(None), uncalibrated: np.ndarray | None = None) -> dict:
+    """``neighbourhood_null``'s scenario dict for one rule (no positions: cell-by-cell decision).
+
+    ``uncalibrated``: per class, whether no calibration cell represents it (the guard's types).
+    """
+    guard = rule.endswith(GUARD)
+    rule = rule.removesuffix(GUARD)
     withhold = rule.endswith(WITHHELD)
     rule = rule.removesuffix(WITHHELD)
     if rule == "cross-fitted":
@@ -140,7 +149,14 @@ def scenario(fitted: dict, rule: str, rows=slice(None)) -> dict:
         "unseen": fitted["unseen"][rows],
         "matched": fitted["matched"][rows],
         "withhold": withhold,
+        **({"untested": uncalibrated[fitted["pred"][rows]]} if guard else {}),
     }
+
+
+def uncalibrated_classes(ref, key: str) -> np.ndarray:
+    """Per class (sorted, as :func:`~spikgpt.api.labels_of`), whether no fold holds out any of its cells."""
+    y, _ = labels_of(ref, key)
+    return np.bincount(y) < max(MIN_SPLIT_CELLS, FOLDS, 2)
 
 
 def objective_of(res: dict[str, dict], datasets: list[str]) -> float:
@@ -153,6 +169,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-cells", type=int, default=100)
     p.add_argument("--closed-seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--open-seeds", type=int, nargs="*", default=[0], help="reference subsamples of the open set")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--only", nargs="*", default=None, help="dataset names to run")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/cross_conformal"))
@@ -161,7 +178,7 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     open_set = {r: [] for r in RULES}
     closed = {r: [] for r in RULES}
-    jobs = [(0, *sc, {}) for sc in scenarios(args.data_dir)]
+    jobs = [(s, *sc, {}) for s in args.open_seeds for sc in scenarios(args.data_dir)]
     jobs += [(s, *t) for s in args.closed_seeds for t in closed_tasks(args.data_dir, s)]
     for seed, dataset, name, ref, query, key, kw, variants in jobs:
         if args.only and dataset not in args.only:
@@ -175,9 +192,10 @@ def main() -> None:
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 save_fitted(kept, fitted)
+        uncalibrated = uncalibrated_classes(subsample_reference(ref, key, args.reference_cells, seed), key)
         for rule in RULES:
             for v, rows in (variants or {"": slice(None)}).items():
-                sc = {"name": f"{name}__s{seed}{v}", "dataset": dataset, **scenario(fitted, rule, rows)}
+                sc = {"name": f"{name}__s{seed}{v}", "dataset": dataset, **scenario(fitted, rule, rows, uncalibrated)}
                 (closed if variants else open_set)[rule].append(sc)
         print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     res, lines = (

@@ -159,7 +159,8 @@ def pvalues(
     cells the query mapping matched, as :func:`spikgpt.annotate` passes them), so those rows are
     the package's rule; other sizes and gates are computed here the same way. A scenario marked
     ``withhold`` (a cross-fitted model's) calls nothing where the shift correction ran
-    (``decide(withhold_under_shift=True)``, as cross-fitted models decide).
+    (``decide(withhold_under_shift=True)``, as cross-fitted models decide); one with ``untested``
+    (a mask over the query) tests none of those cells (``decide(untested=...)``).
     """
     default_power = sc.get("power", novelty_module.CLASS_SCALE_POWER) == novelty_module.CLASS_SCALE_POWER
     if ms in ((), (NEIGHBOURS,)) and gate == GATE and quantile == GATE_QUANTILE and default_power:
@@ -172,11 +173,14 @@ def pvalues(
             null_cells=sc["matched"][idx],
             groups=sc["pred"][idx],
             positions=(sc["Zq"][idx], sc["Zc"]) if ms else None,
+            untested=sc["untested"][idx] if "untested" in sc else None,
         )
         # decide(withhold_under_shift=True) at whatever FDR the caller's Benjamini–Hochberg uses
         return np.ones(len(idx)) if sc.get("withhold") and d.shift["location"] > 0 else d.pvalue
-    if sc.get("withhold"):
-        raise ValueError("withheld calls are the package's rule: its gate, quantile and neighbourhoods only")
+    if sc.get("withhold") or "untested" in sc:
+        raise ValueError(
+            "withheld and untested calls are the package's rule: its gate, quantile and neighbourhoods only"
+        )
     mode, on_matched = parse_shift(shift)
     null_cells = sc["matched"][idx] if on_matched else None
     L, _ = shift_correction(sc["L"][idx], mode, null_cells, sc["pred"][idx], gate=gate, gate_quantile=quantile)

@@ -63,3 +63,14 @@ def pbmc_model(pbmc):
     import spikgpt
 
     return spikgpt.train(pbmc, "bulk_labels", use_raw=True, progress=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def crossfitted():
+    """A 100-cell reference: too few held-out cells for the p-values' tail, so ``train`` cross-fits by default."""
+    from dataclasses import replace
+
+    import spikgpt
+
+    ref = synthetic_counts({"A": 34, "B": 33, "C": 33}, seed=3)
+    return spikgpt.train(ref, "cell_type", train_config=replace(FAST, max_epochs=15), progress=False, seed=0)

@@ -177,7 +177,8 @@ def test_train_options_reach_the_api(pbmc_files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(spikgpt.api, "train", capture)
     base = ["train", str(pbmc_files / "ref.h5ad"), "--label-key", "bulk_labels", "--out", str(tmp_path / "m"), "-q"]
-    assert runner.invoke(app, base).exit_code != 0 and seen["refit"] is True
+    assert runner.invoke(app, base).exit_code != 0 and seen["refit"] is True and seen["calibration_folds"] is None
+    assert runner.invoke(app, [*base, "--calibration-folds", "1"]).exit_code != 0 and seen["calibration_folds"] == 1
     assert seen["train_config"].members == 3 and seen["train_config"].workers is None
     assert runner.invoke(app, [*base, "--members", "2"]).exit_code != 0 and seen["train_config"].members == 2
     assert runner.invoke(app, [*base, "--workers", "1"]).exit_code != 0 and seen["train_config"].workers == 1

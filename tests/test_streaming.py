@@ -236,6 +236,17 @@ def test_obs_index_reads_the_cell_names_as_the_whole_obs_would(tmp_path, ext, in
         close_store(store)
 
 
+def test_a_cross_fitted_model_streams_as_in_memory(crossfitted, tmp_path, monkeypatch):
+    """Its fold models embed, map (on the same mapping sample) and score every chunk."""
+    monkeypatch.setattr(mapping, "MAX_QUERY_CELLS", 60)
+    query = synthetic_counts({"A": 50, "B": 50, "C": 30}, seed=7, extra_types={"new": 25})
+    query.write_h5ad(tmp_path / "q.h5ad")
+    annotate_file(tmp_path / "q.h5ad", crossfitted, tmp_path / "o.h5ad", chunk_size=37, progress=False)
+    memory = spikgpt.annotate(query, crossfitted, copy=True, progress=False)
+    _assert_same(ad.read_h5ad(tmp_path / "o.h5ad"), memory)
+    assert memory.obs["spikgpt_pvalue"].min() < 0.01  # the new cells are scored, not left at p = 1
+
+
 def test_fitting_sample_returns_the_positions_it_read(tmp_path):
     from spikgpt.streaming import stored_reference
 

@@ -33,7 +33,7 @@ from spikgpt.model.training import (
     stratified_split,
 )
 from spikgpt.openset import DEFAULT_FDR, UNKNOWN, check_false_unknown, check_fdr, reject
-from spikgpt.openset.decision import check_shift
+from spikgpt.openset.decision import check_shift, tail_cells
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
 from spikgpt.streaming import STREAM_REFERENCE_CELLS, close_store, obs_index, open_store, stored_reference
 
@@ -67,9 +67,24 @@ def labels_of(adata: ad.AnnData, label_key: str) -> tuple[np.ndarray, list[str]]
     return y.astype(np.int64), classes.tolist()
 
 
-def check_calibration_folds(folds: int) -> None:
-    """Raise :class:`InputError` unless ``folds`` is 1 (one held-out split) or at least 2."""
-    if folds < 1:
+#: Folds of cross-fitted calibration, where the held-out cells are too few for the p-values' tail.
+CALIBRATION_FOLDS = 5
+
+
+def auto_calibration_folds(n_held_out: int) -> int:
+    """The folds ``calibration_folds=None`` chooses for ``n_held_out`` held-out calibration cells.
+
+    :data:`CALIBRATION_FOLDS` when they are too few to fit the p-values' exponential tail (20 or
+    fewer: a reference of up to ~105 cells), else 1. There the held-out rule calls no cell
+    Unknown; cross-fitted calibration with the query scored by the fold models was chosen
+    leave-one-dataset-out on 100-cell references (README, small references).
+    """
+    return 1 if tail_cells(n_held_out) else CALIBRATION_FOLDS
+
+
+def check_calibration_folds(folds: int | None) -> None:
+    """Raise :class:`InputError` unless ``folds`` is ``None`` (automatic), 1 (one held-out split) or at least 2."""
+    if folds is not None and folds < 1:
         msg = f"calibration_folds (--calibration-folds) must be 1 (one held-out split) or at least 2, got {folds}."
         raise InputError(msg)
 
@@ -199,7 +214,7 @@ def train(
     fdr: float = DEFAULT_FDR,
     mapping: bool = True,
     calibration_fraction: float = 0.2,
-    calibration_folds: int = 1,
+    calibration_folds: int | None = None,
     refit: bool = True,
     novelty: str = "combined",
     min_cells_per_class: int = MIN_SPLIT_CELLS,
@@ -215,14 +230,15 @@ def train(
     classifier alone is trained again on every cell, so no labelled cell is lost to
     calibration or validation. With
     ``calibration_folds=k`` the reference is instead cross-fitted: each of k stratified folds is
-    scored by a model fitted on the others, and the final model is fitted on every cell (k + 1
-    fittings). Measured on the shared open-set scenarios, cross-fitting gave the refitted model
-    lower scores than its fold models gave their held-out cells, so fewer unseen cells were
-    called Unknown (README, "Design decisions"); it is there for references too small to lose a
-    fifth of their cells. A cross-fitted model calls no cell Unknown in a query that the shift
-    correction judged shifted as a whole (it warns, and ``global_shift_removed`` counts the
-    withheld calls): with cross-fitted calibration that correction called up to 20–31 % of
-    shifted known cells Unknown (``benchmarks/cross_conformal.py``). The input is not modified.
+    scored by a model fitted on the others, every cell calibrates, and those k fold models are
+    kept in the model to score the query (the mean of each score over them; k more fittings and
+    embeddings). The default (``None``) cross-fits with 5 folds where the held-out cells would be
+    too few to fit the p-values' tail (≤ 20: a reference of up to ~105 cells), which there call
+    no cell Unknown; chosen leave-one-dataset-out on 100-cell references (README, small
+    references). A cross-fitted model calls no cell Unknown in a query that the shift correction
+    judged shifted as a whole (it warns, and ``global_shift_removed`` counts the withheld
+    calls). Types too small to hold any cell out have no calibration cell and are not tested
+    (``summary["calibration"]["uncalibrated_types"]``). The input is not modified.
 
     Parameters
     ----------
@@ -253,8 +269,10 @@ def train(
         Share of reference cells held out to calibrate the threshold (when not cross-fitting);
         0 trains on every cell and skips calibration (no cell is ever ``Unknown``).
     calibration_folds
-        1 (default): hold ``calibration_fraction`` out. k ≥ 2: cross-fit with k folds (then no
-        cell is called Unknown in a query shifted as a whole).
+        ``None`` (default): 5 where ``calibration_fraction`` would hold out 20 cells or fewer,
+        else 1. 1: hold ``calibration_fraction`` out. k ≥ 2: cross-fit with k folds (then no
+        cell is called Unknown in a query shifted as a whole). The classifier is trained the
+        same way in every case.
     refit
         After calibrating on held-out cells, train the classifier again on every reference
         cell (calibration and validation cells included) for the number of epochs early
@@ -335,7 +353,7 @@ def _train(
     fdr: float,
     mapping: bool,
     calibration_fraction: float,
-    calibration_folds: int,
+    calibration_folds: int | None,
     refit: bool,
     novelty: str,
     min_cells_per_class: int,
@@ -366,34 +384,37 @@ def _train(
         fit = {"embedder": embedder, "net_cfg": net_cfg, "cfg": cfg, "seed": seed}
         # Networks that only score held-out cells or choose the refit's epochs are single members.
         single = {**fit, "cfg": replace(cfg, members=1)}
-        k = calibration_folds if calibration_fraction > 0 else 1
+        fit_idx, cal_idx = stratified_split(y, calibration_fraction, min_cells=min_cells_per_class, seed=seed)
+        k = auto_calibration_folds(len(cal_idx)) if calibration_folds is None else calibration_folds
+        k = k if len(cal_idx) else 1
         fold = stratified_folds(y, k, min_cells=min_cells_per_class, seed=seed) if k > 1 else np.full(len(y), -1)
         crossfit = bool((fold >= 0).any())
+        if len(cal_idx):
+            first = single if refit else fit
+            model = _fit_scored(cells.subset(fit_idx), y[fit_idx], classes, **first, progress=progress)
+            scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
+            how = "held out of training"
+            if refit:
+                _refit_network(model, cells, y, cfg, seed=seed, progress=progress)
+        else:
+            model, _, _ = _fit_pipeline(cells.subset(fit_idx), y[fit_idx], **fit, progress=progress)
+            model.classes, correct = classes, np.zeros(0, dtype=bool)
         if crossfit:
-            # Cross-fitting: every cell is scored by a model fitted without it, and the final model
-            # is fitted on all cells (on a small reference a held-out fifth is a lot to lose).
+            # Cross-fitting: every cell is scored by a fold model fitted without it, and the fold
+            # models score the query too (SpikGPTModel.fold_scores); the classifier is the one above.
             parts = []
             for j in tqdm(range(k), desc="cross-fitting", unit="fold", disable=None if progress else True, leave=False):
                 kept, held = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
                 fold_model = _fit_scored(cells.subset(kept), y[kept], classes, **single, progress=False)
                 parts.append(_held_out_scores(fold_model, cells.subset(held), y[held]))
-            model = _fit_scored(cells, y, classes, **fit, progress=progress)
+                model.fold_models.append(fold_model)
             scores = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
             correct, positions = np.concatenate([p[1] for p in parts]), None
             how = f"out-of-fold in {k}-fold cross-fitting"
-        else:
-            fit_idx, cal_idx = stratified_split(y, calibration_fraction, min_cells=min_cells_per_class, seed=seed)
-            if len(cal_idx):
-                first = single if refit else fit
-                model = _fit_scored(cells.subset(fit_idx), y[fit_idx], classes, **first, progress=progress)
-                scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
-                how = "held out of training"
-                if refit:
-                    _refit_network(model, cells, y, cfg, seed=seed, progress=progress)
-            else:
-                model, _, _ = _fit_pipeline(cells.subset(fit_idx), y[fit_idx], **fit, progress=progress)
-                model.classes, correct = classes, np.zeros(0, dtype=bool)
     calibration = {"n_cells": int(len(correct)), "folds": k if crossfit else 1}
+    if len(correct):
+        calibrated = set(y[fold >= 0]) if crossfit else set(y[cal_idx])
+        calibration["uncalibrated_types"] = [c for i, c in enumerate(classes) if i not in calibrated]
     model.novelty_method, model.fdr, model.mapping = novelty, fdr, mapping
     if len(correct):
         model.novelty.calibrate(scores, positions, seed=seed)
@@ -472,7 +493,8 @@ def annotate(
       removed (``global_shift_removed``: location and scale in ``−log p`` units, how many
       predicted types were corrected on their own, and ``unknown_withheld``: the cells a
       cross-fitted model did not call Unknown, although the rule would have, because the query
-      was shifted as a whole), settings.
+      was shifted as a whole), ``untested_types`` (types with no calibration cell: cells
+      predicted as them get p-value 1 and are never ``Unknown``), settings.
 
     The query is held in memory; :func:`spikgpt.annotate_file` gives the same results for a
     file or store read in chunks (what ``spikgpt annotate`` runs).
@@ -615,6 +637,7 @@ def annotation_summary(
         "shift_correction": shift or model.shift,
         "global_shift_removed": removed,
         "classes": list(model.classes),
+        "untested_types": model.uncalibrated_types if model.novelty is not None else [],
         "n_unknown": int(unknown.sum()),
         "n_not_embedded": int((~embedded).sum()),
         "input": {"layer": source["layer"] or "", "use_raw": source["use_raw"], "gene_key": source["gene_key"] or ""},

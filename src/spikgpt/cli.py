@@ -89,12 +89,14 @@ def train(
         float, typer.Option(help="Share of cells held out to calibrate Unknown when not cross-fitting (0: none).")
     ] = 0.2,
     calibration_folds: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="1: hold --calibration-fraction out to calibrate; k >= 2: cross-fit with k folds "
-            "(no Unknown calls in a query shifted as a whole)."
+            help="1: hold --calibration-fraction out to calibrate; k >= 2: cross-fit with k folds, whose "
+            "models score the query (no Unknown calls in a query shifted as a whole). Default: 5 where "
+            "the held-out cells would be too few (a reference of up to ~105 cells), else 1.",
+            show_default=False,
         ),
-    ] = 1,
+    ] = None,
     no_refit: Annotated[
         bool,
         typer.Option(

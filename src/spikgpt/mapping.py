@@ -41,6 +41,8 @@ class Mapping:
     n_pairs: int  # mutual pairs in the last round
     rounds: int
     matched: np.ndarray  # [n] bool: query cells in a mutual pair in the last round (False where not sampled)
+    #: Each fold model's own mapping of the same query (cross-fitted models, :meth:`spikgpt.SpikGPTModel.map_query`).
+    folds: tuple[Mapping | None, ...] = ()
 
     @property
     def norm(self) -> float:

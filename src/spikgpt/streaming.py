@@ -173,7 +173,7 @@ def run_chunk(
     finally:
         if store is not None:
             close_store(store)
-    part = model.classify(E, residual, job.mapping, job.names)
+    part = model.classify(E, residual, job.mapping, job.names, cells=cells)
     return ChunkResult(
         start, part.confidence, part.raw_label, part.embedded, part.scores, part.embedding.astype(np.float32)
     )
@@ -308,7 +308,10 @@ def annotate_file(
                 sample = Cells(src.rows(rows), gene_key=gene_key, scale=scale)
                 E_s, _ = model.embed(sample, names)
                 ok = np.isfinite(E_s).all(axis=1)
-                mapped = model.map_query(E_s, n_query=n) if ok.all() else model.map_query(E_s[ok])
+                if ok.all():
+                    mapped = model.map_query(E_s, n_query=n, cells=sample)
+                else:
+                    mapped = model.map_query(E_s[ok], cells=sample)
                 matched = None if mapped is None else mapped.matched
                 if mapped is not None and not ok.all():  # matched over the sample's embedded cells
                     matched = np.zeros(n, dtype=bool)

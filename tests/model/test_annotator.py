@@ -44,6 +44,26 @@ def test_save_load_identical_predictions(trained, counts, tmp_path):
         trained.save(path)
 
 
+def test_fold_models_travel_with_the_model_and_a_missing_one_is_named(crossfitted, counts, tmp_path):
+    path = crossfitted.save(tmp_path / "m")
+    assert sorted(p.name for p in (path / "folds").iterdir()) == ["0", "1", "2", "3", "4"]
+    assert (path / "folds" / "0" / "embedder.safetensors").exists()
+    loaded = spikgpt.load_model(path)
+    assert len(loaded.fold_models) == 5 and loaded.cross_fitted
+    a = spikgpt.annotate(counts, crossfitted, copy=True)
+    b = spikgpt.annotate(counts, loaded, copy=True)
+    np.testing.assert_allclose(a.obs["spikgpt_pvalue"], b.obs["spikgpt_pvalue"], rtol=1e-5)
+    assert (a.obs["spikgpt_label"] == b.obs["spikgpt_label"]).all()
+    for fold, back in zip(crossfitted.fold_models, loaded.fold_models, strict=True):
+        for name in fold.novelty.state:
+            np.testing.assert_array_equal(fold.novelty.state[name], back.novelty.state[name], err_msg=name)
+    import shutil
+
+    shutil.rmtree(path / "folds" / "3")
+    with pytest.raises(ModelFormatError, match="lacks its fold model folds/3"):
+        SpikGPTModel.load(path)
+
+
 def test_models_of_formats_3_and_4_load(counts, tmp_path, caplog):
     from dataclasses import replace
 

@@ -137,6 +137,22 @@ def test_a_query_shifted_as_a_whole_is_not_called_unknown():
     assert np.array_equal(same.unknown, decide(plain, cal, ("a",), fdr=0.1).unknown) and same.unknown[-3:].all()
 
 
+def test_untested_cells_are_never_called_and_the_others_keep_their_evidence():
+    """Cells predicted as a type without calibration cells get p = 1; the rest are decided as before."""
+    rng = np.random.default_rng(8)
+    cal = {"a": rng.gamma(2.0, 1.0, 300)}
+    query = {"a": np.concatenate([rng.gamma(2.0, 1.0, 500), np.full(5, 40.0), np.full(5, 45.0)])}
+    untested = np.zeros(510, bool)
+    untested[-5:] = True  # five far cells of an uncalibrated type, five far cells of a new one
+    plain = decide(query, cal, ("a",), fdr=0.1)
+    d = decide(query, cal, ("a",), fdr=0.1, untested=untested)
+    assert plain.unknown[-10:].all()
+    assert not d.unknown[-5:].any() and (d.pvalue[-5:] == 1).all() and (d.reason[-5:] == "uncalibrated_type").all()
+    assert d.unknown[-10:-5].all() and np.array_equal(d.pvalue[:-5], plain.pvalue[:-5])
+    assert not (d.reason[:-5] == "uncalibrated_type").any()
+    np.testing.assert_array_equal(d.unknown, plain.unknown & ~untested)
+
+
 def test_a_shift_that_differs_between_types_is_removed_type_by_type():
     """Two of three types moved far, with ties at the calibration grid's top (the CellBench seed-3 shape)."""
     rng = np.random.default_rng(6)

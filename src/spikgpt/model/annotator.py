@@ -53,14 +53,16 @@ from spikgpt.snn import LIF
 logger = logging.getLogger("spikgpt")
 
 FORMAT = "spikgpt-model"
-#: 5: the calibration network is kept beside a refitted classifier (4: an ensemble of networks;
-#: 3: one network, read as a one-member ensemble).
-FORMAT_VERSION = 5
+#: 6: cross-fitted models keep their fold models (``folds/0``, ``folds/1``, …), which score the
+#: query; 5: the calibration network is kept beside a refitted classifier (4: an ensemble of
+#: networks; 3: one network, read as a one-member ensemble).
+FORMAT_VERSION = 6
 #: Oldest format this version reads (3: conformal FDR decision and query mapping; 2: class Gaussians).
 OLDEST_FORMAT_VERSION = 3
 CONFIG_FILE, WEIGHTS_FILE, EMBEDDER_FILE = "config.json", "weights.safetensors", "embedder.safetensors"
 NOVELTY_FILE = "novelty.safetensors"
 CALIBRATION_NETWORK_FILE = "calibration_network.safetensors"
+FOLDS_DIR = "folds"
 
 
 def is_model_folder(path: Path) -> bool:
@@ -138,6 +140,12 @@ class SpikGPTModel:
     novelty scores that read a network's outputs are computed with it, so that query and
     calibration cells meet the same network (:meth:`raw_scores`). ``None`` when the classifier
     itself scored them.
+
+    ``fold_models`` (cross-fitted calibration, since 0.20) are the k models each fitted without
+    one fold of the reference, whose cells they scored for calibration. They also score the
+    query: each raw novelty score is its mean over the k models (cross-conformal scoring,
+    :meth:`fold_scores`), so query and calibration cells are scored by models that never saw
+    them.
     """
 
     embedder: Embedder
@@ -154,6 +162,7 @@ class SpikGPTModel:
     shift: str = DEFAULT_SHIFT
     mapping: bool = True
     calibration_network: SpikingEnsemble | None = None
+    fold_models: list[SpikGPTModel] = field(default_factory=list)
 
     def __repr__(self) -> str:
         cfg = self.network.cfg
@@ -269,8 +278,8 @@ class SpikGPTModel:
         E, residual = self.embed(cells, names)
         embedded = np.isfinite(E).all(axis=1)
         use_mapping = self.mapping if mapping is None else mapping
-        mapped = self.map_query(E[embedded]) if use_mapping else None
-        part = self.classify(E, residual, mapped, names, progress=progress)
+        mapped = self.map_query(E[embedded], cells=cells) if use_mapping else None
+        part = self.classify(E, residual, mapped, names, cells=cells, progress=progress)
         matched = None if mapped is None else mapped.matched
         pvalue, qvalue, unknown, reason, removed = self.decide_unknown(
             part.scores,
@@ -304,14 +313,29 @@ class SpikGPTModel:
             return self.embedder.embed(cells)
         return self.embedder.transform(cells), None
 
-    def map_query(self, E: np.ndarray, *, n_query: int | None = None) -> Mapping | None:
+    def map_query(self, E: np.ndarray, *, n_query: int | None = None, cells: Cells | None = None) -> Mapping | None:
         """The query → reference translation from embedded cells ``E`` (``None`` when uncalibrated).
 
         ``n_query``: the query's size when ``E`` holds only the rows :func:`~spikgpt.mapping.query_sample` drew.
+        ``cells``: the cells ``E`` was embedded from (all of them, those that could not be embedded
+        included), which a model with :attr:`fold_models` needs: each fold model maps them in its
+        own embedding (:attr:`~spikgpt.mapping.Mapping.folds`).
         """
         if self.novelty is None or len(E) < 2:
             return None
-        return estimate_mapping(self.standardise(E), self.novelty.state["ref_embedding"], n_query=n_query)
+        mapped = estimate_mapping(self.standardise(E), self.novelty.state["ref_embedding"], n_query=n_query)
+        if self.fold_models:
+            if cells is None:
+                msg = "this model scores the query with its fold models: pass the cells to map_query(..., cells=)."
+                raise ValueError(msg)
+            folds = []
+            for fold in self.fold_models:
+                E_fold = fold.embedder.transform(cells)
+                ok = np.isfinite(E_fold).all(axis=1)
+                # as for this model: the same sample of the query, streamed or in memory
+                folds.append(fold.map_query(E_fold, n_query=n_query) if ok.all() else fold.map_query(E_fold[ok]))
+            mapped.folds = tuple(folds)
+        return mapped
 
     def classify(
         self,
@@ -320,9 +344,14 @@ class SpikGPTModel:
         mapped: Mapping | None,
         names: tuple[str, ...],
         *,
+        cells: Cells | None = None,
         progress: bool = False,
     ) -> Classified:
-        """Classify embedded cells and compute their raw novelty scores; every cell independently."""
+        """Classify embedded cells and compute their raw novelty scores; every cell independently.
+
+        ``cells``: the cells ``E`` was embedded from, which a model with :attr:`fold_models` needs
+        to score them (:meth:`fold_scores`).
+        """
         embedded = np.isfinite(E).all(axis=1)
         E_ok = E[embedded]
         if mapped is not None:
@@ -334,7 +363,15 @@ class SpikGPTModel:
         probs[embedded] = out.probs
         E_out = E.copy()
         E_out[embedded] = E_ok
-        scores = self.raw_scores(out, names) if self.novelty is not None and embedded.any() else {}
+        scores = {}
+        if self.novelty is not None and embedded.any():
+            if self.fold_models:
+                if cells is None:
+                    msg = "this model scores the query with its fold models: pass the cells to classify(..., cells=)."
+                    raise ValueError(msg)
+                scores = self.fold_scores(cells, embedded, mapped, names)
+            else:
+                scores = self.raw_scores(out, names)
         return Classified(
             E_out,
             probs,
@@ -345,6 +382,43 @@ class SpikGPTModel:
             scores,
             out,
         )
+
+    def fold_scores(
+        self, cells: Cells, embedded: np.ndarray, mapped: Mapping | None, names: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        """Cross-conformal raw scores of the ``embedded`` cells: each score's mean over :attr:`fold_models`.
+
+        Every fold model embeds the cells itself and maps them with its own translation
+        (``mapped.folds``); the classifier network runs only for scores that read one. The mean
+        over the k models was chosen leave-one-dataset-out on 100-cell references over their
+        maximum and over the final model's score (``benchmarks/cross_conformal.py``; README,
+        small references): each fold model scores a query cell as it scored its own held-out
+        cells, and the mean keeps the known cells' median where the calibration cells' is (the
+        maximum raised it past the shift gate). A cell no fold model can embed gets ``-inf``
+        (p-value 1).
+        """
+        n = int(embedded.sum())
+        maps = mapped.folds if mapped is not None else (None,) * len(self.fold_models)
+        per_fold = {name: np.full((len(self.fold_models), n), np.nan) for name in names}
+        for j, (fold, fold_map) in enumerate(zip(self.fold_models, maps, strict=True)):
+            E, residual = fold.embed(cells, names)
+            E = E[embedded]
+            ok = np.isfinite(E).all(axis=1)
+            E_ok = E[ok] if fold_map is None else E[ok] - fold_map.shift * fold.input_std
+            if NETWORK_SCORES.intersection(names):
+                out = fold.outputs(E_ok)
+            else:  # the default scores read the standardised embedding and the residual only
+                m = len(E_ok)
+                out = CellOutputs(torch.zeros(1, m, 0), np.zeros((m, 0)), fold.standardise(E_ok), np.zeros((m, 0)))
+            out.residual = None if residual is None else residual[embedded][ok]
+            for name, v in fold.raw_scores(out, names).items():
+                per_fold[name][j, ok] = v
+        out = {}
+        for name, v in per_fold.items():
+            n_scored = np.isfinite(v).sum(axis=0)
+            total = np.where(np.isfinite(v), v, 0.0).sum(axis=0)
+            out[name] = np.where(n_scored > 0, total / np.maximum(n_scored, 1), -np.inf)
+        return out
 
     def decide_unknown(
         self,
@@ -393,6 +467,7 @@ class SpikGPTModel:
                 groups=None if labels is None else np.asarray(labels)[embedded],
                 positions=positions,
                 withhold_under_shift=self.cross_fitted,
+                untested=None if labels is None else np.isin(np.asarray(labels)[embedded], self.uncalibrated_types),
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown
@@ -417,6 +492,16 @@ class SpikGPTModel:
     def cross_fitted(self) -> bool:
         """Whether the calibration cells were scored out of fold (``calibration_folds > 1`` at training)."""
         return self.summary.get("calibration", {}).get("folds", 1) > 1
+
+    @property
+    def uncalibrated_types(self) -> list[str]:
+        """Types no calibration cell represents (too few reference cells to hold one out): not tested for Unknown.
+
+        Models trained before 0.20 did not record them; for those, the types too rare to split
+        (``summary["rare_classes"]``), which are the same types under held-out calibration.
+        """
+        cal = self.summary.get("calibration", {})
+        return list(cal.get("uncalibrated_types", self.summary.get("rare_classes", [])))
 
     def smallest_pvalue(self, names: tuple[str, ...] | None = None) -> float:
         """The smallest p-value a query cell can get (:func:`~spikgpt.openset.decision.smallest_pvalue`); 0: none.
@@ -455,6 +540,7 @@ class SpikGPTModel:
                 "shift": self.shift,
             },
             "mapping": self.mapping,
+            "folds": len(self.fold_models),
             "embedder": self.embedder.config(),
             "network": self.network.cfg.to_dict(),
             "train": self.train_config.to_dict(),
@@ -482,18 +568,7 @@ class SpikGPTModel:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; a model folder is shared like any output
         try:
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.config(), indent=1))
-            state = {k: v.contiguous() for k, v in self.network.state_dict().items()}
-            state["input_mean"] = torch.as_tensor(self.input_mean)
-            state["input_std"] = torch.as_tensor(self.input_std)
-            save_torch(state, tmp / WEIGHTS_FILE)
-            arrays = {k: np.ascontiguousarray(v) for k, v in self.embedder.arrays().items()}
-            save_numpy(arrays, tmp / EMBEDDER_FILE)
-            if self.novelty is not None:
-                save_numpy({k: np.ascontiguousarray(v) for k, v in self.novelty.arrays().items()}, tmp / NOVELTY_FILE)
-            if self.calibration_network is not None:
-                cal_state = {k: v.contiguous() for k, v in self.calibration_network.state_dict().items()}
-                save_torch(cal_state, tmp / CALIBRATION_NETWORK_FILE)
+            self._write(tmp)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -501,6 +576,25 @@ class SpikGPTModel:
             if tmp.exists():
                 shutil.rmtree(tmp)
         return path
+
+    def _write(self, folder: Path) -> None:
+        """The model's files in ``folder`` (fold models in ``folds/<j>``, each a model folder)."""
+        (folder / CONFIG_FILE).write_text(json.dumps(self.config(), indent=1))
+        state = {k: v.contiguous() for k, v in self.network.state_dict().items()}
+        state["input_mean"] = torch.as_tensor(self.input_mean)
+        state["input_std"] = torch.as_tensor(self.input_std)
+        save_torch(state, folder / WEIGHTS_FILE)
+        arrays = {k: np.ascontiguousarray(v) for k, v in self.embedder.arrays().items()}
+        save_numpy(arrays, folder / EMBEDDER_FILE)
+        if self.novelty is not None:
+            save_numpy({k: np.ascontiguousarray(v) for k, v in self.novelty.arrays().items()}, folder / NOVELTY_FILE)
+        if self.calibration_network is not None:
+            cal_state = {k: v.contiguous() for k, v in self.calibration_network.state_dict().items()}
+            save_torch(cal_state, folder / CALIBRATION_NETWORK_FILE)
+        for j, fold in enumerate(self.fold_models):
+            sub = folder / FOLDS_DIR / str(j)
+            sub.mkdir(parents=True)
+            fold._write(sub)
 
     @classmethod
     def coerce(cls, model: SpikGPTModel | str | os.PathLike) -> SpikGPTModel:
@@ -570,6 +664,13 @@ class SpikGPTModel:
                 cal_net.load_state_dict(load_torch(path / CALIBRATION_NETWORK_FILE), strict=True)
                 cal_net.eval()
             embedder = embedder_from_config(cfg["embedder"], arrays)
+            folds = []
+            for j in range(int(cfg.get("folds", 0))):
+                sub = path / FOLDS_DIR / str(j)
+                if not (sub / CONFIG_FILE).is_file():
+                    msg = f"{path} lacks its fold model {FOLDS_DIR}/{j}: the folder is damaged or incomplete; re-train."
+                    raise ModelFormatError(msg)
+                folds.append(cls.load(sub))
             nov_cfg = cfg["novelty"]
             scorer = None
             if nov_cfg["calibrated"]:
@@ -591,6 +692,7 @@ class SpikGPTModel:
                 shift=str(nov_cfg["shift"]),
                 mapping=bool(cfg["mapping"]),
                 calibration_network=cal_net,
+                fold_models=folds,
             )
         except ModelFormatError:
             raise

@@ -37,7 +37,11 @@ rejected while the false discovery rate over the query is held at the level the 
    query cells, against the same mean around each calibration cell placed among the query
    cells (:func:`neighbourhood_pvalues`); the cell keeps ``2 · min`` of its two p-values. A
    few new cells together are seen where each alone is not.
-5. **Benjamini–Hochberg** over the query's cells at level ``fdr``. Or, when the user sets
+5. **Types the calibration lacks are not tested.** A type with too few reference cells to hold
+   any out (fewer than ``min_cells_per_class``) has no calibration cell, and its known query
+   cells look novel against the others: cells predicted as such a type get p-value 1 (reason
+   ``"uncalibrated_type"``) and keep their label (``untested``; 0.20).
+6. **Benjamini–Hochberg** over the query's cells at level ``fdr``. Or, when the user sets
    ``false_unknown`` instead (the share of known cells they accept to lose), every cell is
    tested at that level on its own: ``Unknown`` iff ``p <= false_unknown``. That bounds the
    share of known cells called Unknown, not the share of Unknown calls that are known cells:
@@ -80,7 +84,7 @@ class Decision:
     pvalue: np.ndarray  # [n] p-value after the shift correction
     qvalue: np.ndarray  # [n] Benjamini–Hochberg adjusted p-value
     unknown: np.ndarray  # [n] bool, Unknown at the FDR level (q <= fdr)
-    reason: np.ndarray  # [n] the score with the smallest p-value
+    reason: np.ndarray  # [n] the score with the smallest p-value ("uncalibrated_type": not tested)
     shift: dict  # the estimated global shift (location, scale) in −log p units
     smallest: float = 0.0  # the smallest p-value any cell could have got (0: none, the tails have no floor)
     withheld: int = 0  # cells the rule would have called Unknown, not called (``withhold_under_shift``)
@@ -353,6 +357,7 @@ def decide(
     groups: np.ndarray | None = None,
     positions: tuple[np.ndarray, np.ndarray] | None = None,
     withhold_under_shift: bool = False,
+    untested: np.ndarray | None = None,
 ) -> Decision:
     """Unknown calls for query cells at false discovery rate ``fdr`` (or per cell at ``false_unknown``).
 
@@ -392,6 +397,11 @@ def decide(
         made. Cross-fitted models decide so (:meth:`spikgpt.model.SpikGPTModel.decide_unknown`):
         with their calibration the correction called up to 20–31 % of a shifted query's known
         cells Unknown (``benchmarks/cross_conformal.py``).
+    untested
+        Cells not to test (boolean mask): those predicted as a type no calibration cell
+        represents. They count in the shift correction as every cell does, then get p-value 1
+        and reason ``"uncalibrated_type"``. Chosen on 100-cell references, where pbmc68k's 2- and
+        4-cell types were 8 of 12 false calls (``benchmarks/cross_conformal.py``).
 
     Returns
     -------
@@ -413,6 +423,9 @@ def decide(
         reason = np.where(p_nb < p, "neighbourhood", reason).astype(object)
         p = np.minimum(1.0, 2.0 * np.minimum(p, p_nb))
         smallest = with_neighbourhood(smallest, len(positions[1]))
+    if untested is not None and untested.any():
+        p = np.where(untested, 1.0, p)
+        reason = np.where(untested, "uncalibrated_type", reason).astype(object)
     q = bh_qvalues(p)  # ties at p = 0 (beyond float range) are all rejected together, as they should
     unknown = (q <= fdr) & (fdr > 0) if false_unknown is None else (p <= false_unknown) & (false_unknown > 0)
     withheld = int(unknown.sum()) if withhold_under_shift and info["location"] > 0 else 0
