@@ -345,6 +345,7 @@ def test_a_reference_too_small_for_the_tail_is_cross_fitted_and_a_shifted_query_
     model = crossfitted
     assert model.cross_fitted and model.summary["calibration"]["folds"] == 5 and len(model.fold_models) == 5
     assert model.summary["calibration"]["n_cells"] == 100 and model.smallest_pvalue() == 0  # a tail: no floor
+    assert "cross-fitted calibration (5 fold models)" in repr(model)
     for sigma in (0.0, 0.4, 0.8):
         query = synthetic_counts({"A": 100, "B": 100, "C": 100}, seed=4, extra_types={"D": 60})
         factors = np.random.default_rng(9).lognormal(0.0, sigma, query.n_vars)  # sigma 0: no shift

@@ -171,7 +171,8 @@ class SpikGPTModel:
             f"SpikGPTModel({len(self.classes)} cell types, embedder={self.embedder.spec!r}, "
             f"{kind} ×{len(self.network.members)} T={self.network.time_steps} L={cfg.depth} D={cfg.dim} "
             f"N={cfg.n_tokens} "
-            f"({cfg.tokenization}), Unknown at FDR {self.fdr:.0%}{', query mapping' if self.mapping else ''}, "
+            f"({cfg.tokenization}), Unknown at FDR {self.fdr:.0%}{', query mapping' if self.mapping else ''}"
+            f"{f', cross-fitted calibration ({len(self.fold_models)} fold models)' if self.fold_models else ''}, "
             f"trained on {self.summary.get('n_cells', '?')} cells)"
         )
 
