@@ -283,11 +283,16 @@ def test_whole_input_is_validated_before_the_split(counts):
 
 
 def test_cross_fitted_calibration_scores_every_cell_and_the_fold_models_score_the_query(caplog):
+    from dataclasses import replace
+
+    import torch
+
     from spikgpt.data import Cells
 
     ref = synthetic_counts({"A": 60, "B": 60, "C": 3}, seed=5)
-    crossfit = spikgpt.train(ref, "cell_type", train_config=FAST, calibration_folds=5, progress=False)
-    held_out = spikgpt.train(ref, "cell_type", train_config=FAST, progress=False)
+    short = replace(FAST, max_epochs=15)  # seven networks to train: the plumbing is the point
+    crossfit = spikgpt.train(ref, "cell_type", train_config=short, calibration_folds=5, progress=False)
+    held_out = spikgpt.train(ref, "cell_type", train_config=short, progress=False)
     cal = crossfit.summary["calibration"]
     # every cell of a splittable type calibrates (scored out of fold); the 3-cell type never does
     assert cal["folds"] == 5 and cal["n_cells"] == 120 and cal["accuracy"] > 0.9
@@ -304,6 +309,9 @@ def test_cross_fitted_calibration_scores_every_cell_and_the_fold_models_score_th
         "uncalibrated_types": ["C"],
     }
     assert not held_out.fold_models
+    # the classifier is trained as with held-out calibration: cross-fitting changes no label
+    a, b = crossfit.network.state_dict(), held_out.network.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the neighbourhood test needs the calibration cells' positions in the final model's embedding:
     # held-out cells have them, cross-fitted ones (each placed by its own fold model) do not
     assert held_out.novelty.calibration_positions().shape == (24, len(held_out.input_mean))
