@@ -371,6 +371,28 @@ def test_a_reference_too_small_for_the_tail_is_cross_fitted_and_a_shifted_query_
             assert removed["location"] > 0 and not called.any() and removed["unknown_withheld"] == by_q
 
 
+def test_fold_models_reuse_an_embedding_that_does_not_learn_from_the_reference(monkeypatch):
+    """obsm (and scGPT) embed a cell alike whatever reference cells they were fitted on: not run per fold."""
+    from dataclasses import replace
+
+    from spikgpt.embed.obsm import ObsmEmbedder
+
+    ref = synthetic_counts({"A": 34, "B": 33, "C": 33}, seed=3)
+    query = synthetic_counts({"A": 30, "B": 30, "C": 30}, seed=4, extra_types={"D": 10})
+    for a in (ref, query):
+        a.obsm["X_emb"] = np.log1p(np.asarray(a.X[:, :32].todense(), dtype=np.float32))
+    model = spikgpt.train(
+        ref, "cell_type", embedder="obsm:X_emb", train_config=replace(FAST, max_epochs=10), progress=False
+    )
+    assert len(model.fold_models) == 5 and not ObsmEmbedder.learns_from_reference
+    calls = []
+    read = ObsmEmbedder.transform
+    monkeypatch.setattr(ObsmEmbedder, "transform", lambda self, cells: calls.append(1) or read(self, cells))
+    out = spikgpt.annotate(query, model, copy=True)
+    assert len(calls) == 1  # the model's own embedding, reused by the five fold models
+    assert np.isfinite(out.obs["spikgpt_pvalue"]).all() and out.obs["spikgpt_pvalue"].min() < 0.05
+
+
 def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_unchanged(counts):
     from dataclasses import replace
 

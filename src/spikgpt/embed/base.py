@@ -20,6 +20,10 @@ class Embedder(ABC):
     """Turns cells into a dense ``[n_cells, dim]`` float32 embedding."""
 
     kind: ClassVar[str]
+    #: Whether fitting learns from the reference (genes, scaling, PCA). When not (a pretrained
+    #: model, a precomputed ``obsm`` key), models fitted on different reference cells embed any
+    #: cell alike, and cross-fitted fold models reuse the model's embedding of the query.
+    learns_from_reference: ClassVar[bool] = True
 
     @abstractmethod
     def fit(self, cells: Cells, *, seed: int = 0, labels: np.ndarray | None = None) -> Embedder:

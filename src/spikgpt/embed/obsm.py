@@ -19,6 +19,7 @@ class ObsmEmbedder(Embedder):
     """
 
     kind = "obsm"
+    learns_from_reference = False
 
     def __init__(self, key: str, dim: int | None = None) -> None:
         self.key, self._dim = key, dim

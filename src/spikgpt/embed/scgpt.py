@@ -396,6 +396,7 @@ class ScGPTEmbedder(Embedder):
     """
 
     kind = "scgpt"
+    learns_from_reference = False
 
     def __init__(
         self,

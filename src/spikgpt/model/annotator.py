@@ -326,11 +326,14 @@ class SpikGPTModel:
             return None
         mapped = estimate_mapping(self.standardise(E), self.novelty.state["ref_embedding"], n_query=n_query)
         if self.fold_models:
-            if cells is None:
+            if cells is None and any(f.embedder.learns_from_reference for f in self.fold_models):
                 msg = "this model scores the query with its fold models: pass the cells to map_query(..., cells=)."
                 raise ValueError(msg)
             folds = []
             for fold in self.fold_models:
+                if not fold.embedder.learns_from_reference:  # it embeds the query as this model does
+                    folds.append(fold.map_query(E, n_query=n_query))
+                    continue
                 E_fold = fold.embedder.transform(cells)
                 ok = np.isfinite(E_fold).all(axis=1)
                 # as for this model: the same sample of the query, streamed or in memory
@@ -367,10 +370,7 @@ class SpikGPTModel:
         scores = {}
         if self.novelty is not None and embedded.any():
             if self.fold_models:
-                if cells is None:
-                    msg = "this model scores the query with its fold models: pass the cells to classify(..., cells=)."
-                    raise ValueError(msg)
-                scores = self.fold_scores(cells, embedded, mapped, names)
+                scores = self.fold_scores(cells, embedded, mapped, names, E=E, residual=residual)
             else:
                 scores = self.raw_scores(out, names)
         return Classified(
@@ -385,7 +385,14 @@ class SpikGPTModel:
         )
 
     def fold_scores(
-        self, cells: Cells, embedded: np.ndarray, mapped: Mapping | None, names: tuple[str, ...]
+        self,
+        cells: Cells | None,
+        embedded: np.ndarray,
+        mapped: Mapping | None,
+        names: tuple[str, ...],
+        *,
+        E: np.ndarray | None = None,
+        residual: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Cross-conformal raw scores of the ``embedded`` cells: each score's mean over :attr:`fold_models`.
 
@@ -396,30 +403,38 @@ class SpikGPTModel:
         small references): each fold model scores a query cell as it scored its own held-out
         cells, and the mean keeps the known cells' median where the calibration cells' is (the
         maximum raised it past the shift gate). A cell no fold model can embed gets ``-inf``
-        (p-value 1).
+        (p-value 1). ``E`` and ``residual``: this model's embedding of ``cells`` (all of them),
+        which fold models whose embedder does not learn from the reference reuse
+        (:attr:`~spikgpt.embed.Embedder.learns_from_reference`: scGPT is not run six times).
         """
         n = int(embedded.sum())
         maps = mapped.folds if mapped is not None else (None,) * len(self.fold_models)
         per_fold = {name: np.full((len(self.fold_models), n), np.nan) for name in names}
         for j, (fold, fold_map) in enumerate(zip(self.fold_models, maps, strict=True)):
-            E, residual = fold.embed(cells, names)
-            E = E[embedded]
-            ok = np.isfinite(E).all(axis=1)
-            E_ok = E[ok] if fold_map is None else E[ok] - fold_map.shift * fold.input_std
+            if fold.embedder.learns_from_reference or E is None:
+                if cells is None:
+                    msg = "this model scores the query with its fold models: pass the cells to classify(..., cells=)."
+                    raise ValueError(msg)
+                E_fold, res_fold = fold.embed(cells, names)
+            else:
+                E_fold, res_fold = E, residual
+            E_fold = E_fold[embedded]
+            ok = np.isfinite(E_fold).all(axis=1)
+            E_ok = E_fold[ok] if fold_map is None else E_fold[ok] - fold_map.shift * fold.input_std
             if NETWORK_SCORES.intersection(names):
                 out = fold.outputs(E_ok)
             else:  # the default scores read the standardised embedding and the residual only
                 m = len(E_ok)
                 out = CellOutputs(torch.zeros(1, m, 0), np.zeros((m, 0)), fold.standardise(E_ok), np.zeros((m, 0)))
-            out.residual = None if residual is None else residual[embedded][ok]
+            out.residual = None if res_fold is None else res_fold[embedded][ok]
             for name, v in fold.raw_scores(out, names).items():
                 per_fold[name][j, ok] = v
-        out = {}
+        mean = {}
         for name, v in per_fold.items():
             n_scored = np.isfinite(v).sum(axis=0)
             total = np.where(np.isfinite(v), v, 0.0).sum(axis=0)
-            out[name] = np.where(n_scored > 0, total / np.maximum(n_scored, 1), -np.inf)
-        return out
+            mean[name] = np.where(n_scored > 0, total / np.maximum(n_scored, 1), -np.inf)
+        return mean
 
     def decide_unknown(
         self,
