@@ -32,7 +32,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 from novelty_cache import closed_tasks, scenarios
 from novelty_decision import objective
 
@@ -122,9 +121,7 @@ def calibration_scores(novelty, positions: np.ndarray | None, names: tuple[str, 
 
 def embedding_scores(novelty, X: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Scores ``names`` that read only the standardised embedding ``X`` (no network outputs needed)."""
-    n = len(X)
-    out = CellOutputs(torch.zeros((1, n, 1)), np.zeros((n, 1)), X, np.zeros((n, 1)))
-    return novelty.raw_scores(out, names)
+    return novelty.raw_scores(CellOutputs.of_embedding(X), names)
 
 
 def with_scale_power(sc: dict, power: float) -> dict:

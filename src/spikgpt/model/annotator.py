@@ -421,11 +421,12 @@ class SpikGPTModel:
             E_fold = E_fold[embedded]
             ok = np.isfinite(E_fold).all(axis=1)
             E_ok = E_fold[ok] if fold_map is None else E_fold[ok] - fold_map.shift * fold.input_std
-            if NETWORK_SCORES.intersection(names):
-                out = fold.outputs(E_ok)
-            else:  # the default scores read the standardised embedding and the residual only
-                m = len(E_ok)
-                out = CellOutputs(torch.zeros(1, m, 0), np.zeros((m, 0)), fold.standardise(E_ok), np.zeros((m, 0)))
+            # the default scores read the standardised embedding and the residual only
+            out = (
+                fold.outputs(E_ok)
+                if NETWORK_SCORES.intersection(names)
+                else CellOutputs.of_embedding(fold.standardise(E_ok))
+            )
             out.residual = None if res_fold is None else res_fold[embedded][ok]
             for name, v in fold.raw_scores(out, names).items():
                 per_fold[name][j, ok] = v

@@ -87,6 +87,15 @@ class CellOutputs:
     firing: np.ndarray  # [n, n_layers] firing rate of every spiking layer
     residual: np.ndarray | None = None  # [n] off-subspace expression (default embedder), see ``pca_residual``
 
+    @classmethod
+    def of_embedding(cls, embedding: np.ndarray, residual: np.ndarray | None = None) -> CellOutputs:
+        """Outputs holding the standardised ``embedding`` (and ``residual``) only, no network run.
+
+        Enough for every score outside :data:`NETWORK_SCORES`.
+        """
+        n = len(embedding)
+        return cls(torch.zeros(1, n, 0), np.zeros((n, 0)), embedding, np.zeros((n, 0)), residual)
+
     @property
     def probs(self) -> np.ndarray:  # noqa: D102
         return confidence_from_logits(self.logits)[0]
