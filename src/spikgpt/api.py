@@ -392,8 +392,9 @@ def _train(
         if len(cal_idx):
             first = single if refit else fit
             model = _fit_scored(cells.subset(fit_idx), y[fit_idx], classes, **first, progress=progress)
-            scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
-            how = "held out of training"
+            if not crossfit:  # cross-fitted, every cell is scored by its fold model below
+                scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
+                how = "held out of training"
             if refit:
                 _refit_network(model, cells, y, cfg, seed=seed, progress=progress)
         else:
