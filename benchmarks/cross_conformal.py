@@ -158,10 +158,11 @@ def scenario(fitted: dict, rule: str, rows=slice(None), uncalibrated: np.ndarray
     }
 
 
-def uncalibrated_classes(ref, key: str) -> np.ndarray:
+def uncalibrated_classes(ref, key: str, seed: int) -> np.ndarray:
     """Per class (sorted, as :func:`~spikgpt.api.labels_of`), whether no fold holds out any of its cells."""
-    y, _ = labels_of(ref, key)
-    return np.bincount(y) < max(MIN_SPLIT_CELLS, FOLDS, 2)
+    y, classes = labels_of(ref, key)
+    fold = stratified_folds(y, FOLDS, min_cells=MIN_SPLIT_CELLS, seed=seed)
+    return ~np.isin(np.arange(len(classes)), y[fold >= 0])
 
 
 def objective_of(res: dict[str, dict], datasets: list[str]) -> float:
@@ -197,7 +198,7 @@ def main() -> None:
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 save_fitted(kept, fitted)
-        uncalibrated = uncalibrated_classes(subsample_reference(ref, key, args.reference_cells, seed), key)
+        uncalibrated = uncalibrated_classes(subsample_reference(ref, key, args.reference_cells, seed), key, seed)
         for rule in RULES:
             for v, rows in (variants or {"": slice(None)}).items():
                 sc = {"name": f"{name}__s{seed}{v}", "dataset": dataset, **scenario(fitted, rule, rows, uncalibrated)}
