@@ -66,6 +66,17 @@ def test_without_validation_cells_the_whole_schedule_runs_and_its_final_weights_
     assert accuracy(net, X, y) > 0.9
 
 
+@pytest.mark.parametrize("max_epochs", [1, 2, 3])
+def test_any_schedule_length_trains(max_epochs):
+    """90 training cells are 3 steps per epoch at batch 32; 150 cells 5: 10 steps in all once tripped torch's
+    one-cycle schedule (a division by zero where the warm-up ends at step 1)."""
+    for per_class in (30, 50):
+        X, y = three_clusters(per_class, 2.0)
+        cfg = TrainConfig(max_epochs=max_epochs, val_fraction=0.0, members=1)
+        _, hist = fit_network(X, y, NetworkConfig(in_dim=16, n_classes=3), cfg, **FIT)
+        assert hist["epochs_run"] == max_epochs
+
+
 def test_input_noise_changes_the_fit_is_seeded_and_is_checked():
     X, y = three_clusters(40, 3.0)
     net_cfg = NetworkConfig(in_dim=16, n_classes=3)

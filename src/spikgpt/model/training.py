@@ -385,6 +385,15 @@ def fit_members(job: Path, members: list[int]) -> None:
             (job / f"member{i}.json").write_text(json.dumps(history))  # written last: the member is done
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The one-cycle schedule: 10 % of ``total_steps`` warming up to ``lr``, then annealing."""
+    pct_start = 0.1
+    # torch divides by zero where the warm-up ends exactly at step 1 (10 steps in all): end it halfway into step 2
+    if math.isclose(pct_start * total_steps, 1.0):
+        pct_start = 1.5 / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=pct_start)
+
+
 def _fit(
     X: np.ndarray, y: np.ndarray, net_cfg: NetworkConfig, cfg: TrainConfig, *, seed: int, progress: bool, desc: str
 ) -> tuple[SpikingTransformer, dict]:
@@ -406,7 +415,7 @@ def _fit(
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     scored = ema.module if ema is not None else net
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
+    sched = one_cycle(opt, cfg.lr, epochs * steps_per_epoch)
     weights = class_weights(y[tr], net_cfg.n_classes)
     weights = weights.to(device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
