@@ -162,7 +162,7 @@ def test_batch_shifted_query_keeps_its_labels_and_a_new_type_stays_apart():
 def test_deterministic_given_seed_whatever_the_thread_count(counts):
     import torch
 
-    kw = {"train_config": FAST, "progress": False, "seed": 7}
+    kw = {"train_config": FAST, "calibration_folds": 1, "progress": False, "seed": 7}
     threads = torch.get_num_threads()
     models = []
     for n in (1, 2):  # training runs on TrainConfig.num_threads (1), not on the caller's setting
@@ -234,7 +234,7 @@ def test_rare_types_and_tiny_references_train(caplog):
     truth = query.obs["cell_type"].astype(str).to_numpy()
     hits = []
     for seed in (0, 1, 2):  # what one cell teaches depends on the seed
-        model = spikgpt.train(ref, "cell_type", train_config=FAST, progress=False, seed=seed)
+        model = spikgpt.train(ref, "cell_type", train_config=FAST, calibration_folds=1, progress=False, seed=seed)
         assert model.classes == list("ABCDEF")
         assert model.summary["rare_classes"] == ["D", "E", "F"] == model.uncalibrated_types
         out = spikgpt.annotate(query, model, copy=True)
@@ -292,7 +292,7 @@ def test_cross_fitted_calibration_scores_every_cell_and_the_fold_models_score_th
     ref = synthetic_counts({"A": 60, "B": 60, "C": 3}, seed=5)
     short = replace(FAST, max_epochs=15)  # seven networks to train: the plumbing is the point
     crossfit = spikgpt.train(ref, "cell_type", train_config=short, calibration_folds=5, progress=False)
-    held_out = spikgpt.train(ref, "cell_type", train_config=short, progress=False)
+    held_out = spikgpt.train(ref, "cell_type", train_config=short, calibration_folds=1, progress=False)
     cal = crossfit.summary["calibration"]
     # every cell of a splittable type calibrates (scored out of fold); the 3-cell type never does
     assert cal["folds"] == 5 and cal["n_cells"] == 120 and cal["accuracy"] > 0.9
@@ -349,7 +349,7 @@ def test_a_reference_too_small_for_the_tail_is_cross_fitted_and_a_shifted_query_
     """
     from spikgpt.api import auto_calibration_folds
 
-    assert auto_calibration_folds(20) == 5 and auto_calibration_folds(21) == 1
+    assert auto_calibration_folds(20) == 5 and auto_calibration_folds(80) == 5 and auto_calibration_folds(81) == 1
     model = crossfitted
     assert model.cross_fitted and model.summary["calibration"]["folds"] == 5 and len(model.fold_models) == 5
     assert model.summary["calibration"]["n_cells"] == 100 and model.smallest_pvalue() == 0  # a tail: no floor
@@ -397,7 +397,8 @@ def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_u
     from dataclasses import replace
 
     query = synthetic_counts({"A": 20, "B": 20, "C": 20, "N": 20}, seed=9)
-    kw = {"train_config": replace(FAST, refit_min_steps=0, max_epochs=60, members=2), "progress": False, "seed": 3}
+    cfg = replace(FAST, refit_min_steps=0, max_epochs=60, members=2)
+    kw = {"train_config": cfg, "calibration_folds": 1, "progress": False, "seed": 3}
     refit = spikgpt.train(counts, "cell_type", **kw)
     held_out = spikgpt.train(counts, "cell_type", refit=False, **kw)
     history, first = refit.summary["history"], refit.summary["calibration_network"]
@@ -471,7 +472,8 @@ def test_a_cell_that_could_not_be_embedded_is_unknown_with_no_raw_label():
     ref = synthetic_counts({"A": 60, "B": 60, "C": 40}, seed=1)
     codes = ref.obs["cell_type"].cat.codes.to_numpy()
     ref.obsm["X_emb"] = np.random.default_rng(0).normal(size=(ref.n_obs, 8)) + 3 * codes[:, None]
-    model = spikgpt.train(ref, "cell_type", embedder="obsm:X_emb", train_config=FAST, progress=False)
+    kw = {"embedder": "obsm:X_emb", "train_config": FAST, "calibration_folds": 1}
+    model = spikgpt.train(ref, "cell_type", **kw, progress=False)
     query = ref[:20].copy()
     query.obsm["X_emb"][3] = np.nan  # what an embedder writes for a cell it could not embed
     out = spikgpt.annotate(query, model, copy=True, progress=False).obs

@@ -167,14 +167,13 @@ def test_obsm_embedder_model_streams(tmp_path):
     query = synthetic_counts({"A": 30, "B": 30, "C": 20}, seed=2)
     for a in (ref, query):
         a.obsm["X_emb"] = np.asarray(a.X[:, :24].todense(), dtype=np.float32)  # the marker blocks
-    model = spikgpt.train(ref, "cell_type", embedder="obsm:X_emb", train_config=FAST, progress=False, seed=0)
+    kw = {"embedder": "obsm:X_emb", "train_config": FAST, "calibration_folds": 1, "progress": False, "seed": 0}
+    model = spikgpt.train(ref, "cell_type", **kw)
     query.write_h5ad(tmp_path / "q.h5ad")
     ref.write_h5ad(tmp_path / "r.h5ad")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(api_module, "STREAM_REFERENCE_CELLS", 100)  # the reference file streams too
-        streamed = spikgpt.train(
-            tmp_path / "r.h5ad", "cell_type", embedder="obsm:X_emb", train_config=FAST, progress=False, seed=0
-        )
+        streamed = spikgpt.train(tmp_path / "r.h5ad", "cell_type", **kw)
     assert streamed.embedder.spec == "obsm:X_emb"
     annotate_file(tmp_path / "q.h5ad", model, tmp_path / "o.h5ad", chunk_size=33, progress=False)
     _assert_same(ad.read_h5ad(tmp_path / "o.h5ad"), spikgpt.annotate(query, model, copy=True, progress=False))
@@ -268,7 +267,8 @@ def test_matched_shift_with_cells_that_cannot_be_embedded_streams_as_in_memory(t
         a.obsm["X_emb"] = np.asarray(a.X[:, :24].todense(), dtype=np.float32)
     query.obsm["X_emb"] *= np.random.default_rng(9).lognormal(0.0, 0.8, 24).astype(np.float32)  # a batch effect
     query.obsm["X_emb"][[3, 80]] = np.nan  # two cells without an embedding
-    model = spikgpt.train(ref, "cell_type", embedder="obsm:X_emb", train_config=FAST, progress=False, seed=0)
+    kw = {"embedder": "obsm:X_emb", "train_config": FAST, "calibration_folds": 1, "progress": False, "seed": 0}
+    model = spikgpt.train(ref, "cell_type", **kw)
     query.write_h5ad(tmp_path / "q.h5ad")
     shift = "gated_by_type@matched"
     annotate_file(tmp_path / "q.h5ad", model, tmp_path / "o.h5ad", chunk_size=37, shift=shift, progress=False)

@@ -2,7 +2,7 @@
 
 import logging
 
-__version__ = "0.20.0"
+__version__ = "0.21.0"
 
 logging.getLogger("spikgpt").addHandler(logging.NullHandler())
 

@@ -70,7 +70,8 @@ def test_models_of_formats_3_and_4_load(counts, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
     from synthetic import FAST
 
-    model = spikgpt.train(counts, "cell_type", train_config=replace(FAST, max_epochs=5, members=1), progress=False)
+    cfg = replace(FAST, max_epochs=5, members=1)
+    model = spikgpt.train(counts, "cell_type", train_config=cfg, calibration_folds=1, progress=False)
     path = model.save(tmp_path / "m")
     # what spikgpt 0.16–0.17 wrote: format 4, no "workers", no calibration network beside the refit
     cfg = json.loads((path / "config.json").read_text())
