@@ -393,6 +393,22 @@ def test_fold_models_reuse_an_embedding_that_does_not_learn_from_the_reference(m
     assert np.isfinite(out.obs["spikgpt_pvalue"]).all() and out.obs["spikgpt_pvalue"].min() < 0.05
 
 
+def test_fold_models_embed_a_query_in_memory_once_each(crossfitted, monkeypatch):
+    """The default embedder learns from the reference: each fold model embeds the query once, for mapping and scores."""
+    from spikgpt.embed.default import DefaultEmbedder
+
+    query = synthetic_counts({"A": 30, "B": 30, "C": 30}, seed=4, extra_types={"D": 10})
+    before = spikgpt.annotate(query, crossfitted, copy=True).obs
+    calls = []
+    project = DefaultEmbedder._project
+    monkeypatch.setattr(
+        DefaultEmbedder, "_project", lambda self, cells, **kw: calls.append(1) or project(self, cells, **kw)
+    )
+    out = spikgpt.annotate(query, crossfitted, copy=True).obs
+    assert len(calls) == 1 + 5  # the model's own embedding and one per fold model (0.20: two per fold model)
+    np.testing.assert_array_equal(out["spikgpt_pvalue"], before["spikgpt_pvalue"])
+
+
 def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_unchanged(counts):
     from dataclasses import replace
 

@@ -279,8 +279,10 @@ class SpikGPTModel:
         E, residual = self.embed(cells, names)
         embedded = np.isfinite(E).all(axis=1)
         use_mapping = self.mapping if mapping is None else mapping
-        mapped = self.map_query(E[embedded], cells=cells) if use_mapping else None
-        part = self.classify(E, residual, mapped, names, cells=cells, progress=progress)
+        # the fold models' embeddings, once for mapping and scoring (a query in memory is embedded whole)
+        fold_inputs = self.fold_embeddings(cells, names, E, residual) if self.fold_models else None
+        mapped = self.map_query(E[embedded], cells=cells, fold_inputs=fold_inputs) if use_mapping else None
+        part = self.classify(E, residual, mapped, names, cells=cells, fold_inputs=fold_inputs, progress=progress)
         matched = None if mapped is None else mapped.matched
         pvalue, qvalue, unknown, reason, removed = self.decide_unknown(
             part.scores,
@@ -314,13 +316,34 @@ class SpikGPTModel:
             return self.embedder.embed(cells)
         return self.embedder.transform(cells), None
 
-    def map_query(self, E: np.ndarray, *, n_query: int | None = None, cells: Cells | None = None) -> Mapping | None:
+    def fold_embeddings(
+        self, cells: Cells, names: tuple[str, ...], E: np.ndarray, residual: np.ndarray | None
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Each fold model's embedding of ``cells`` and, when the scores ``names`` need it, their residual.
+
+        ``E`` and ``residual`` (this model's, of every cell) stand for the folds whose embedder learns
+        nothing from the reference (:attr:`~spikgpt.embed.Embedder.learns_from_reference`).
+        """
+        return [
+            fold.embed(cells, names) if fold.embedder.learns_from_reference else (E, residual)
+            for fold in self.fold_models
+        ]
+
+    def map_query(
+        self,
+        E: np.ndarray,
+        *,
+        n_query: int | None = None,
+        cells: Cells | None = None,
+        fold_inputs: list[tuple[np.ndarray, np.ndarray | None]] | None = None,
+    ) -> Mapping | None:
         """The query → reference translation from embedded cells ``E`` (``None`` when uncalibrated).
 
         ``n_query``: the query's size when ``E`` holds only the rows :func:`~spikgpt.mapping.query_sample` drew.
         ``cells``: the cells ``E`` was embedded from (all of them, those that could not be embedded
         included), which a model with :attr:`fold_models` needs: each fold model maps them in its
-        own embedding (:attr:`~spikgpt.mapping.Mapping.folds`).
+        own embedding (:attr:`~spikgpt.mapping.Mapping.folds`). ``fold_inputs``: those embeddings
+        already made (:meth:`fold_embeddings` of ``cells``), not made again.
         """
         if self.novelty is None or len(E) < 2:
             return None
@@ -330,11 +353,11 @@ class SpikGPTModel:
                 msg = "this model scores the query with its fold models: pass the cells to map_query(..., cells=)."
                 raise ValueError(msg)
             folds = []
-            for fold in self.fold_models:
+            for j, fold in enumerate(self.fold_models):
                 if not fold.embedder.learns_from_reference:  # it embeds the query as this model does
                     folds.append(fold.map_query(E, n_query=n_query))
                     continue
-                E_fold = fold.embedder.transform(cells)
+                E_fold = fold.embedder.transform(cells) if fold_inputs is None else fold_inputs[j][0]
                 ok = np.isfinite(E_fold).all(axis=1)
                 # as for this model: the same sample of the query, streamed or in memory
                 folds.append(fold.map_query(E_fold, n_query=n_query) if ok.all() else fold.map_query(E_fold[ok]))
@@ -349,12 +372,13 @@ class SpikGPTModel:
         names: tuple[str, ...],
         *,
         cells: Cells | None = None,
+        fold_inputs: list[tuple[np.ndarray, np.ndarray | None]] | None = None,
         progress: bool = False,
     ) -> Classified:
         """Classify embedded cells and compute their raw novelty scores; every cell independently.
 
         ``cells``: the cells ``E`` was embedded from, which a model with :attr:`fold_models` needs
-        to score them (:meth:`fold_scores`).
+        to score them (:meth:`fold_scores`; ``fold_inputs``: their fold embeddings, if made).
         """
         embedded = np.isfinite(E).all(axis=1)
         E_ok = E[embedded]
@@ -370,7 +394,8 @@ class SpikGPTModel:
         scores = {}
         if self.novelty is not None and embedded.any():
             if self.fold_models:
-                scores = self.fold_scores(cells, embedded, mapped, names, E=E, residual=residual)
+                kw = {"E": E, "residual": residual, "fold_inputs": fold_inputs}
+                scores = self.fold_scores(cells, embedded, mapped, names, **kw)
             else:
                 scores = self.raw_scores(out, names)
         return Classified(
@@ -393,6 +418,7 @@ class SpikGPTModel:
         *,
         E: np.ndarray | None = None,
         residual: np.ndarray | None = None,
+        fold_inputs: list[tuple[np.ndarray, np.ndarray | None]] | None = None,
     ) -> dict[str, np.ndarray]:
         """Cross-conformal raw scores of the ``embedded`` cells: each score's mean over :attr:`fold_models`.
 
@@ -405,13 +431,16 @@ class SpikGPTModel:
         maximum raised it past the shift gate). A cell no fold model can embed gets ``-inf``
         (p-value 1). ``E`` and ``residual``: this model's embedding of ``cells`` (all of them),
         which fold models whose embedder does not learn from the reference reuse
-        (:attr:`~spikgpt.embed.Embedder.learns_from_reference`: scGPT is not run six times).
+        (:attr:`~spikgpt.embed.Embedder.learns_from_reference`: scGPT is not run six times);
+        ``fold_inputs``: every fold model's embedding of ``cells`` (:meth:`fold_embeddings`), made once.
         """
         n = int(embedded.sum())
         maps = mapped.folds if mapped is not None else (None,) * len(self.fold_models)
         per_fold = {name: np.full((len(self.fold_models), n), np.nan) for name in names}
         for j, (fold, fold_map) in enumerate(zip(self.fold_models, maps, strict=True)):
-            if fold.embedder.learns_from_reference or E is None:
+            if fold_inputs is not None:
+                E_fold, res_fold = fold_inputs[j]
+            elif fold.embedder.learns_from_reference or E is None:
                 if cells is None:
                     msg = "this model scores the query with its fold models: pass the cells to classify(..., cells=)."
                     raise ValueError(msg)
