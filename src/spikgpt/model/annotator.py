@@ -317,15 +317,19 @@ class SpikGPTModel:
         return self.embedder.transform(cells), None
 
     def fold_embeddings(
-        self, cells: Cells, names: tuple[str, ...], E: np.ndarray, residual: np.ndarray | None
+        self, cells: Cells | None, names: tuple[str, ...], E: np.ndarray | None, residual: np.ndarray | None
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """Each fold model's embedding of ``cells`` and, when the scores ``names`` need it, their residual.
 
         ``E`` and ``residual`` (this model's, of every cell) stand for the folds whose embedder learns
-        nothing from the reference (:attr:`~spikgpt.embed.Embedder.learns_from_reference`).
+        nothing from the reference (:attr:`~spikgpt.embed.Embedder.learns_from_reference`); with
+        ``E=None`` every fold model embeds the cells itself.
         """
+        if cells is None and (E is None or any(f.embedder.learns_from_reference for f in self.fold_models)):
+            msg = "this model scores the query with its fold models: pass the cells to classify(..., cells=)."
+            raise ValueError(msg)
         return [
-            fold.embed(cells, names) if fold.embedder.learns_from_reference else (E, residual)
+            fold.embed(cells, names) if fold.embedder.learns_from_reference or E is None else (E, residual)
             for fold in self.fold_models
         ]
 
@@ -437,16 +441,9 @@ class SpikGPTModel:
         n = int(embedded.sum())
         maps = mapped.folds if mapped is not None else (None,) * len(self.fold_models)
         per_fold = {name: np.full((len(self.fold_models), n), np.nan) for name in names}
-        for j, (fold, fold_map) in enumerate(zip(self.fold_models, maps, strict=True)):
-            if fold_inputs is not None:
-                E_fold, res_fold = fold_inputs[j]
-            elif fold.embedder.learns_from_reference or E is None:
-                if cells is None:
-                    msg = "this model scores the query with its fold models: pass the cells to classify(..., cells=)."
-                    raise ValueError(msg)
-                E_fold, res_fold = fold.embed(cells, names)
-            else:
-                E_fold, res_fold = E, residual
+        if fold_inputs is None:
+            fold_inputs = self.fold_embeddings(cells, names, E, residual)
+        for j, (fold, fold_map, (E_fold, res_fold)) in enumerate(zip(self.fold_models, maps, fold_inputs, strict=True)):
             E_fold = E_fold[embedded]
             ok = np.isfinite(E_fold).all(axis=1)
             E_ok = E_fold[ok] if fold_map is None else E_fold[ok] - fold_map.shift * fold.input_std
