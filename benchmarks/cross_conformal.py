@@ -25,7 +25,8 @@ cell by cell: cross-fitted models have no calibration positions) at FDR 0.10:
   cells: never held out of a fold) are not tested (``decide(untested=...)``).
 - ``held out`` (0.21): held-out calibration (``calibration_folds=1``): fold 0's model alone, its
   held-out fifth calibrating, with the neighbourhood test as the package's held-out models decide.
-  Fold 0 is a stratified fifth as the package's 20 % split is, not the same cells. The default
+  Fold 0 is a stratified fifth as the package's 20 % split is, not the same cells.
+  ``held out · cell by cell`` (0.22): the same without the neighbourhood test. The default
   up to 0.20 at these sizes above ~105 cells; compared with cross-fitting at 150, 250 and 400
   cells (``benchmarks/calibration_size.py``).
 
@@ -70,8 +71,9 @@ SCORINGS = ("cross-fitted", "cross-conformal mean", "cross-conformal max")
 WITHHELD = " · no calls when shifted"
 GUARD = " · guard"
 HELD_OUT = "held out"
+CELL_BY_CELL = " · cell by cell"
 RULES = tuple(r + w + g for r in SCORINGS for w in ("", WITHHELD) for g in ("", GUARD))
-RULES += (HELD_OUT + GUARD, HELD_OUT + WITHHELD + GUARD)
+RULES += (HELD_OUT + GUARD, HELD_OUT + WITHHELD + GUARD, HELD_OUT + CELL_BY_CELL + GUARD)
 ARRAYS = ("pred", "matched", "unseen", "Zc0", "Zq0")
 
 
@@ -156,11 +158,13 @@ def scenario(
     rule = rule.removesuffix(GUARD)
     withhold = rule.endswith(WITHHELD)
     rule = rule.removesuffix(WITHHELD)
+    cell_by_cell = rule.endswith(CELL_BY_CELL)
+    rule = rule.removesuffix(CELL_BY_CELL)
     cal, positions = fitted["calibration"], {}
     if rule == HELD_OUT:
         scores = {n: v[0] for n, v in fitted["folds"].items()}
         cal = {n: v[:n_fold0] for n, v in cal.items()}
-        positions = {"Zq": fitted["Zq0"][rows], "Zc": fitted["Zc0"]}
+        positions = {} if cell_by_cell else {"Zq": fitted["Zq0"][rows], "Zc": fitted["Zc0"]}
     elif rule == "cross-fitted":
         scores = fitted["final"]
     elif rule == "cross-conformal mean":
@@ -250,7 +254,8 @@ def main() -> None:
     )
     for rule in RULES:
         # held out: with the package's neighbourhood test, as a held-out model decides
-        res[rule] = summarise(open_set[rule], closed[rule], (NEIGHBOURS,) if rule.startswith(HELD_OUT) else ())
+        neighbourhood = rule.startswith(HELD_OUT) and CELL_BY_CELL not in rule
+        res[rule] = summarise(open_set[rule], closed[rule], (NEIGHBOURS,) if neighbourhood else ())
         lines += table_rows(rule, res[rule])
     if len(res[RULES[0]]) > 1:
         datasets = sorted(res[RULES[0]])

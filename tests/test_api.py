@@ -349,7 +349,7 @@ def test_a_reference_too_small_for_the_tail_is_cross_fitted_and_a_shifted_query_
     """
     from spikgpt.api import auto_calibration_folds
 
-    assert auto_calibration_folds(20) == 5 and auto_calibration_folds(100) == 5 and auto_calibration_folds(101) == 1
+    assert auto_calibration_folds(20) == 5 and auto_calibration_folds(80) == 5 and auto_calibration_folds(81) == 1
     model = crossfitted
     assert model.cross_fitted and model.summary["calibration"]["folds"] == 5 and len(model.fold_models) == 5
     assert model.summary["calibration"]["n_cells"] == 100 and model.smallest_pvalue() == 0  # a tail: no floor

@@ -69,23 +69,21 @@ def labels_of(adata: ad.AnnData, label_key: str) -> tuple[np.ndarray, list[str]]
 
 #: Folds of cross-fitted calibration, where the held-out cells are too few to calibrate on.
 CALIBRATION_FOLDS = 5
-#: Up to this many held-out calibration cells (20 % of a reference of up to ~500 cells),
-#: ``calibration_folds=None`` cross-fits instead (0.22; 0.21: up to 80; 0.20: up to 20).
-CROSS_FIT_HELD_OUT_CELLS = 100
+#: Up to this many held-out calibration cells (20 % of a reference of up to ~400 cells),
+#: ``calibration_folds=None`` cross-fits instead (0.21; 0.20: up to 20).
+CROSS_FIT_HELD_OUT_CELLS = 80
 
 
 def auto_calibration_folds(n_held_out: int) -> int:
     """The folds ``calibration_folds=None`` chooses for ``n_held_out`` held-out calibration cells.
 
     :data:`CALIBRATION_FOLDS` for :data:`CROSS_FIT_HELD_OUT_CELLS` or fewer (a reference of up to
-    ~500 cells), else 1. With 20 or fewer the held-out rule fits no p-value tail and calls no
-    cell Unknown; with 21–100 it fits its tail to 5–20 cells, and on 150-, 250-, 400- and
-    500-cell references it called Unknown at an FDR of 0.30–0.55 on the worst dataset and up to
-    12 % of a closed-set query's known cells, where cross-fitted calibration with the query
-    scored by the fold models kept the FDR ≤ 0.02 and false Unknown ≤ 1.4 %
-    (leave-one-dataset-out at 100–500 cells; README, small references). Above, held-out
-    calibration keeps the neighbourhood test's power where the query is not shifted (pancreas,
-    674 cells), and is kept.
+    ~400 cells), else 1. With 20 or fewer the held-out rule fits no p-value tail and calls no
+    cell Unknown; with 21–80 it fits its tail to 5–16 cells, and on 150-, 250- and 400-cell
+    references it called Unknown at an FDR of 0.30–0.55 on the worst dataset and up to 12 % of
+    a closed-set query's known cells, where cross-fitted calibration with the query scored by
+    the fold models kept the FDR ≤ 0.02 and false Unknown ≤ 1.4 % (leave-one-dataset-out at
+    100, 150, 250 and 400 cells; README, small references).
     """
     return CALIBRATION_FOLDS if n_held_out <= CROSS_FIT_HELD_OUT_CELLS else 1
 
@@ -240,10 +238,10 @@ def train(
     ``calibration_folds=k`` the reference is instead cross-fitted: each of k stratified folds is
     scored by a model fitted on the others, every cell calibrates, and those k fold models are
     kept in the model to score the query (the mean of each score over them; k more fittings and
-    embeddings). The default (``None``) cross-fits with 5 folds where 100 or fewer cells would
-    be held out (a reference of up to ~500 cells): there held-out calibration fits its p-value
-    tail to 20 cells or fewer and calls nothing or calls Unknown at several times the FDR
-    (:func:`auto_calibration_folds`); chosen leave-one-dataset-out on 100- to 500-cell
+    embeddings). The default (``None``) cross-fits with 5 folds where 80 or fewer cells would
+    be held out (a reference of up to ~400 cells): there held-out calibration fits its p-value
+    tail to 16 cells or fewer and calls nothing or calls Unknown at several times the FDR
+    (:func:`auto_calibration_folds`); chosen leave-one-dataset-out on 100- to 400-cell
     references (README, small references). A cross-fitted model calls no cell Unknown in a
     query that the shift correction judged shifted as a whole (it warns, and
     ``global_shift_removed`` counts the withheld calls). Types too small to hold any cell out

@@ -93,7 +93,7 @@ def train(
         typer.Option(
             help="1: hold --calibration-fraction out to calibrate; k >= 2: cross-fit with k folds, whose "
             "models score the query (no Unknown calls in a query shifted as a whole). Default: 5 where "
-            "100 or fewer cells would be held out (a reference of up to ~500 cells), else 1.",
+            "80 or fewer cells would be held out (a reference of up to ~400 cells), else 1.",
             show_default=False,
         ),
     ] = None,

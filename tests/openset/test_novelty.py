@@ -130,9 +130,7 @@ def test_real_data_held_out_type_pbmc_subsampled_to_10_cells(pbmc):
     Benjamini–Hochberg over ~190 cells. With the neighbourhood test (0.11) 8 of the 10 are
     called, with 2 known cells beside them (false discovery proportion 0.2 on this one draw;
     the FDR is controlled in expectation, and known cells next to a new group share its
-    neighbourhood). Held-out calibration (``calibration_folds=1``) is pinned: this ~420-cell
-    reference is cross-fitted by default since 0.22, and cross-fitted models have no
-    neighbourhood test (README, small references).
+    neighbourhood).
     """
     from sklearn.model_selection import train_test_split
 
@@ -145,8 +143,7 @@ def test_real_data_held_out_type_pbmc_subsampled_to_10_cells(pbmc):
     ref = pbmc[np.sort(ref_idx)].copy()
     b_cells = np.random.default_rng(0).choice(np.flatnonzero(labels == "CD19+ B"), 10, replace=False)
     query = pbmc[np.sort(np.concatenate([q_idx, b_cells]))].copy()
-    model = spikgpt.train(ref, "bulk_labels", use_raw=True, calibration_folds=1, progress=False)
-    assert model.summary["calibration"]["n_cells"] == 85
+    model = spikgpt.train(ref, "bulk_labels", use_raw=True, progress=False)
     aurocs = score_aurocs(model, query, "bulk_labels", use_raw=True)
     assert aurocs["decision"] >= 0.8 and aurocs["knn_embedding"] >= 0.9
     spikgpt.annotate(query, model, use_raw=True)
