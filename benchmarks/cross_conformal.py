@@ -157,8 +157,9 @@ def scenario(
 
     ``uncalibrated``: per class, whether no calibration cell represents it (the guard's types).
     ``held out``: fold 0's model and its ``n_fold0`` held-out cells alone, with their positions
-    for the neighbourhood test (the package's held-out calibration); the other rules have no
-    positions (cross-fitted models decide cell by cell).
+    for the neighbourhood test (the package's held-out calibration); ``· cell by cell`` drops
+    them; ``· fold-0 neighbourhood`` gives the cross-conformal scores fold 0's positions; the
+    other rules have none (cross-fitted models decide cell by cell).
     """
     guard = rule.endswith(GUARD)
     rule = rule.removesuffix(GUARD)
