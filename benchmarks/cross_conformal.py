@@ -25,14 +25,14 @@ cell by cell: cross-fitted models have no calibration positions) at FDR 0.10:
   cells: never held out of a fold) are not tested (``decide(untested=...)``).
 - ``held out`` (0.21): held-out calibration (``calibration_folds=1``): fold 0's model alone, its
   held-out fifth calibrating, with the neighbourhood test as the package's held-out models decide.
-  Fold 0 is a stratified fifth as the package's 20 % split is, not the same cells.
+  Fold 0 is a stratified fifth as the package's 20 % split is, not the same cells. The default
+  up to 0.20 at these sizes above ~105 cells; compared with cross-fitting at 150, 250 and 400
+  cells (``benchmarks/calibration_size.py``), and at 500 cells and full size (0.21.1).
   ``held out · cell by cell`` (0.21.1): the same without the neighbourhood test.
 - ``cross-conformal mean · fold-0 neighbourhood`` (0.21.1): the cross-conformal mean with a
   neighbourhood test whose null is fold 0's held-out cells placed among the query cells in fold
   0's mapped embedding (the cached positions; a prototype of a neighbourhood test for
-  cross-fitted models, which the package does not have). The default
-  up to 0.20 at these sizes above ~105 cells; compared with cross-fitting at 150, 250 and 400
-  cells (``benchmarks/calibration_size.py``).
+  cross-fitted models, which the package does not have).
 
 Open set: the scenarios of ``novelty_cache.py`` on ``--open-seeds`` reference subsamples; closed
 set: the bench tasks with their composition-shifted query variants (``--closed-seeds``). Reported
@@ -169,13 +169,13 @@ def scenario(
     rule = rule.removesuffix(CELL_BY_CELL)
     fold0_neighbours = rule.endswith(FOLD0_NEIGHBOURS)
     rule = rule.removesuffix(FOLD0_NEIGHBOURS)
-    cal, positions = fitted["calibration"], {}
-    if fold0_neighbours:  # fold 0's calibration cells placed among the query cells in fold 0's embedding
-        positions = {"Zq": fitted["Zq0"][rows], "Zc": fitted["Zc0"]}
+    cal = fitted["calibration"]
+    # fold 0's calibration cells placed among the query cells in fold 0's embedding: the neighbourhood test
+    with_positions = fold0_neighbours or (rule == HELD_OUT and not cell_by_cell)
+    positions = {"Zq": fitted["Zq0"][rows], "Zc": fitted["Zc0"]} if with_positions else {}
     if rule == HELD_OUT:
         scores = {n: v[0] for n, v in fitted["folds"].items()}
         cal = {n: v[:n_fold0] for n, v in cal.items()}
-        positions = {} if cell_by_cell else {"Zq": fitted["Zq0"][rows], "Zc": fitted["Zc0"]}
     elif rule == "cross-fitted":
         scores = fitted["final"]
     elif rule == "cross-conformal mean":
@@ -264,8 +264,8 @@ def main() -> None:
         ],
     )
     for rule in RULES:
-        # held out: with the package's neighbourhood test, as a held-out model decides
-        neighbourhood = (rule.startswith(HELD_OUT) and CELL_BY_CELL not in rule) or FOLD0_NEIGHBOURS in rule
+        # a rule whose scenarios carry positions decides with the package's neighbourhood test
+        neighbourhood = "Zq" in open_set[rule][0]
         res[rule] = summarise(open_set[rule], closed[rule], (NEIGHBOURS,) if neighbourhood else ())
         lines += table_rows(rule, res[rule])
     if len(res[RULES[0]]) > 1:
