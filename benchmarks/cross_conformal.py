@@ -32,7 +32,14 @@ cell by cell: cross-fitted models have no calibration positions) at FDR 0.10:
 - ``cross-conformal mean · fold-0 neighbourhood`` (0.21.1): the cross-conformal mean with a
   neighbourhood test whose null is fold 0's held-out cells placed among the query cells in fold
   0's mapped embedding (the cached positions; a prototype of a neighbourhood test for
-  cross-fitted models, which the package does not have).
+  cross-fitted models, which the package did not have).
+- ``cross-conformal mean · fold neighbourhoods`` (0.22, the package's rule for cross-fitted
+  models): the neighbourhood test over all five folds, each fold's held-out cells placed among
+  the query cells in its own model's embedding (:func:`~spikgpt.openset.decision.fold_neighbourhood_pvalues`);
+  calls are withheld under a shift only where no neighbourhood test runs (folds under 21 cells:
+  mESC's references); ``· no calls when shifted`` withholds them always. Caches from before 0.22
+  hold fold 0's positions only: :func:`add_positions` refits folds 1–4 (checked against the
+  cached scores) and adds theirs.
 
 Open set: the scenarios of ``novelty_cache.py`` on ``--open-seeds`` reference subsamples; closed
 set: the bench tasks with their composition-shifted query variants (``--closed-seeds``). Reported
@@ -67,7 +74,14 @@ from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, subsample_reference
 from spikgpt.data import Cells
 from spikgpt.model import NetworkConfig, TrainConfig
 from spikgpt.model.training import MIN_SPLIT_CELLS, cpu_settings, stratified_folds
-from spikgpt.openset.decision import DEFAULT_FDR, NEIGHBOURS, calibration_statistic, combined_statistic, neglog_pvalues
+from spikgpt.openset.decision import (
+    DEFAULT_FDR,
+    NEIGHBOURS,
+    calibration_statistic,
+    combined_statistic,
+    neglog_pvalues,
+    neighbourhoods_tested,
+)
 from spikgpt.openset.novelty import DEFAULT_COMBINATION as NAMES
 
 FOLDS = 5
@@ -77,10 +91,13 @@ GUARD = " · guard"
 HELD_OUT = "held out"
 CELL_BY_CELL = " · cell by cell"
 FOLD0_NEIGHBOURS = " · fold-0 neighbourhood"
+FOLD_NEIGHBOURS = " · fold neighbourhoods"
 RULES = tuple(r + w + g for r in SCORINGS for w in ("", WITHHELD) for g in ("", GUARD))
 RULES += (HELD_OUT + GUARD, HELD_OUT + WITHHELD + GUARD, HELD_OUT + CELL_BY_CELL + GUARD)
-RULES += tuple("cross-conformal mean" + FOLD0_NEIGHBOURS + w + GUARD for w in ("", WITHHELD))
-ARRAYS = ("pred", "matched", "unseen", "Zc0", "Zq0")
+NEIGHBOURHOODS = (FOLD0_NEIGHBOURS, FOLD_NEIGHBOURS)
+RULES += tuple("cross-conformal mean" + nb + w + GUARD for nb in NEIGHBOURHOODS for w in ("", WITHHELD))
+ARRAYS = ("pred", "matched", "unseen")
+POSITIONS = tuple(f"Z{w}{j}" for j in range(FOLDS) for w in "cq")
 
 
 def query_scores(model, query: Cells) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
@@ -95,8 +112,13 @@ def query_scores(model, query: Cells) -> tuple[dict[str, np.ndarray], np.ndarray
     return part.scores, part.probs[part.embedded].argmax(axis=1), mapped.matched, part.outputs.embedding
 
 
-def fit_folds(ref, key: str, kw: dict, query, seed: int) -> dict:
-    """Fold models' out-of-fold calibration scores, every model's query scores, the final model's predictions."""
+def fit_folds(ref, key: str, kw: dict, query, seed: int, folds=range(FOLDS), final: bool = True) -> dict:
+    """Fold models' out-of-fold calibration scores, every model's query scores, the final model's predictions.
+
+    Every fold model's positions as well (``Zc<j>``: its held-out cells, ``Zq<j>``: the query, in
+    its standardised mapped embedding). ``folds`` / ``final=False``: only those fold models, for
+    :func:`add_positions`.
+    """
     y, classes = labels_of(ref, key)
     cells, q = Cells(ref, **kw), Cells(query, **kw)
     fit = {
@@ -110,41 +132,53 @@ def fit_folds(ref, key: str, kw: dict, query, seed: int) -> dict:
     assert set(NAMES) == {"mahalanobis_embedding", "pca_residual"}
     fold_fit = {**fit, "cfg": TrainConfig(max_epochs=2)}
     fold = stratified_folds(y, FOLDS, min_cells=MIN_SPLIT_CELLS, seed=seed)
-    cal, per_fold = [], []
+    cal, per_fold, positions = [], [], {}
     with cpu_settings(1):
-        for j in range(FOLDS):
+        for j in folds:
             kept, held = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
             m = _fit_scored(cells.subset(kept), y[kept], classes, **fold_fit, progress=False)
-            c, _, c_pos = _held_out_scores(m, cells.subset(held), y[held])
-            s, _, _, q_pos = query_scores(m, q)
+            c, _, positions[f"Zc{j}"] = _held_out_scores(m, cells.subset(held), y[held])
+            s, _, _, positions[f"Zq{j}"] = query_scores(m, q)
             cal.append(c)
             per_fold.append(s)
-            if j == 0:  # fold 0 alone is a 20 % held-out split: the held-out rule's model
-                positions = {"Zc0": c_pos, "Zq0": q_pos}
-        final = _fit_scored(cells, y, classes, **fit, progress=False)
-        scores, pred, matched, _ = query_scores(final, q)
+        out = {
+            "calibration": {n: np.concatenate([c[n] for c in cal]) for n in NAMES},
+            "folds": {n: np.stack([s[n] for s in per_fold]) for n in NAMES},
+            **positions,
+        }
+        if not final:
+            return out
+        final_model = _fit_scored(cells, y, classes, **fit, progress=False)
+        scores, pred, matched, _ = query_scores(final_model, q)
     truth = query.obs[key].astype(str).to_numpy()
-    return {
-        "calibration": {n: np.concatenate([c[n] for c in cal]) for n in NAMES},
-        "final": scores,
-        "folds": {n: np.stack([s[n] for s in per_fold]) for n in NAMES},
-        "pred": pred,
-        "matched": matched,
-        "unseen": ~np.isin(truth, classes),
-        **positions,
-    }
+    return {**out, "final": scores, "pred": pred, "matched": matched, "unseen": ~np.isin(truth, classes)}
+
+
+def add_positions(fitted: dict, ref, key: str, kw: dict, query, seed: int) -> dict:
+    """``fitted`` (a cache from before 0.22, with fold 0's positions only) with every fold's positions.
+
+    Refits fold models 1 to 4 (as :func:`fit_folds` does; seeded) and checks that they reproduce
+    the cached query scores, so that the positions belong to the models that scored the cells.
+    """
+    missing = [j for j in range(FOLDS) if f"Zc{j}" not in fitted]
+    more = fit_folds(ref, key, kw, query, seed, folds=missing, final=False)
+    for i, j in enumerate(missing):
+        for n in NAMES:
+            if not np.allclose(more["folds"][n][i], fitted["folds"][n][j], rtol=1e-4, atol=1e-5):
+                raise RuntimeError(f"fold {j} does not reproduce the cached scores {n}; refit without the cache")
+    return {**fitted, **{k: v for k, v in more.items() if k.startswith("Z")}}
 
 
 def save_fitted(path: Path, fitted: dict) -> None:
     """:func:`fit_folds`'s result as one ``.npz`` (nested keys joined by ``/``)."""
     flat = {f"{k}/{n}": v for k in ("calibration", "final", "folds") for n, v in fitted[k].items()}
-    np.savez(path, **flat, **{k: fitted[k] for k in ARRAYS})
+    np.savez(path, **flat, **{k: fitted[k] for k in ARRAYS + POSITIONS if k in fitted})
 
 
 def load_fitted(path: Path) -> dict:
     """The inverse of :func:`save_fitted`."""
     z = np.load(path)
-    out = {k: z[k] for k in ARRAYS}
+    out = {k: z[k] for k in ARRAYS + POSITIONS if k in z}
     for k in ("calibration", "final", "folds"):
         out[k] = {n: z[f"{k}/{n}"] for n in NAMES}
     return out
@@ -169,10 +203,15 @@ def scenario(
     rule = rule.removesuffix(CELL_BY_CELL)
     fold0_neighbours = rule.endswith(FOLD0_NEIGHBOURS)
     rule = rule.removesuffix(FOLD0_NEIGHBOURS)
+    fold_neighbours = rule.endswith(FOLD_NEIGHBOURS)
+    rule = rule.removesuffix(FOLD_NEIGHBOURS)
     cal = fitted["calibration"]
     # fold 0's calibration cells placed among the query cells in fold 0's embedding: the neighbourhood test
     with_positions = fold0_neighbours or (rule == HELD_OUT and not cell_by_cell)
-    positions = {"Zq": fitted["Zq0"][rows], "Zc": fitted["Zc0"]} if with_positions else {}
+    folds = range(FOLDS) if fold_neighbours else range(1) if with_positions else range(0)
+    positions = {"positions": [(fitted[f"Zq{j}"][rows], fitted[f"Zc{j}"]) for j in folds]} if folds else {}
+    if fold_neighbours:  # as the package decides: calls withheld under a shift only where no neighbourhood test runs
+        withhold = withhold or not neighbourhoods_tested([len(fitted[f"Zc{j}"]) for j in folds])
     if rule == HELD_OUT:
         scores = {n: v[0] for n, v in fitted["folds"].items()}
         cal = {n: v[:n_fold0] for n, v in cal.items()}
@@ -233,16 +272,18 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         kept = args.cache / (name.replace("/", "-") + f"__s{seed}.npz") if args.cache else None
+        sub = subsample_reference(ref, key, args.reference_cells, seed)
         if kept is not None and kept.exists():
             fitted = load_fitted(kept)
+            if not all(k in fitted for k in POSITIONS):  # a cache from before 0.22: fold 0's positions only
+                fitted = add_positions(fitted, sub, key, kw, query, seed)
+                save_fitted(kept, fitted)
         else:
-            fitted = fit_folds(subsample_reference(ref, key, args.reference_cells, seed), key, kw, query, seed)
+            fitted = fit_folds(sub, key, kw, query, seed)
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 save_fitted(kept, fitted)
-        uncalibrated, n_fold0 = uncalibrated_classes(
-            subsample_reference(ref, key, args.reference_cells, seed), key, seed
-        )
+        uncalibrated, n_fold0 = uncalibrated_classes(sub, key, seed)
         for rule in RULES:
             for v, rows in (variants or {"": slice(None)}).items():
                 sc = scenario(fitted, rule, rows, uncalibrated, n_fold0)
@@ -265,7 +306,7 @@ def main() -> None:
     )
     for rule in RULES:
         # a rule whose scenarios carry positions decides with the package's neighbourhood test
-        neighbourhood = "Zq" in open_set[rule][0]
+        neighbourhood = "positions" in open_set[rule][0]
         res[rule] = summarise(open_set[rule], closed[rule], (NEIGHBOURS,) if neighbourhood else ())
         lines += table_rows(rule, res[rule])
     if len(res[RULES[0]]) > 1:

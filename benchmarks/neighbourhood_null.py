@@ -51,8 +51,8 @@ from spikgpt.openset.decision import (
     calibration_statistic,
     combined_statistic,
     decide,
+    fold_neighbourhood_pvalues,
     neglog_pvalues,
-    neighbourhood_pvalues,
     parse_shift,
     shift_correction,
 )
@@ -141,6 +141,12 @@ def with_scale_power(sc: dict, power: float) -> dict:
     return {**sc, "scores": scores, "calibration": cal, "calibration_statistic": cal_stat, "L": L, "power": power}
 
 
+def positions(sc: dict, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The scenario's ``(query, calibration)`` positions, query rows ``idx``: ``Zq`` / ``Zc``, or one pair per
+    fold model (``positions``, a cross-fitted model's)."""
+    return [(q[idx], c) for q, c in sc.get("positions") or [(sc["Zq"], sc["Zc"])]]
+
+
 def pvalues(
     sc: dict,
     idx: np.ndarray,
@@ -169,7 +175,7 @@ def pvalues(
             shift=shift,
             null_cells=sc["matched"][idx],
             groups=sc["pred"][idx],
-            positions=(sc["Zq"][idx], sc["Zc"]) if ms else None,
+            positions=positions(sc, idx) if ms else None,
             untested=sc["untested"][idx] if "untested" in sc else None,
         )
         # decide(withhold_under_shift=True) at whatever FDR the caller's Benjamini–Hochberg uses
@@ -181,7 +187,7 @@ def pvalues(
     mode, on_matched = parse_shift(shift)
     null_cells = sc["matched"][idx] if on_matched else None
     L, _ = shift_correction(sc["L"][idx], mode, null_cells, sc["pred"][idx], gate=gate, gate_quantile=quantile)
-    tests = [np.exp(-L)] + [neighbourhood_pvalues(L, sc["Zq"][idx], sc["Zc"], m) for m in ms]
+    tests = [np.exp(-L)] + [fold_neighbourhood_pvalues(L, positions(sc, idx), m) for m in ms]
     return np.minimum(1.0, len(tests) * np.min(tests, axis=0))
 
 

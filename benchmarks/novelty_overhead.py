@@ -71,7 +71,7 @@ def time_parts(model: spikgpt.SpikGPTModel, cells: Cells, repeats: int) -> dict[
             calibration_statistics=model._calibration_statistic(names),
             shift=model.shift,
             groups=out.probs.argmax(axis=1),
-            positions=None if positions is None else (model.standardise(E.astype(np.float32)), positions),
+            positions=None if positions is None else [(model.standardise(E.astype(np.float32)), positions)],
         )
         t5 = time.perf_counter()
         residual_extra = max((t4 - t3) - (t1 - t0), 0.0) if "pca_residual" in names else 0.0

@@ -416,6 +416,8 @@ def _train(
                 kept, held = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
                 fold_model = _fit_scored(cells.subset(kept), y[kept], classes, **single, progress=False)
                 parts.append(_held_out_scores(fold_model, cells.subset(held), y[held]))
+                # its held-out cells' scores and positions in its own embedding: the neighbourhood test's null
+                fold_model.novelty.calibrate(parts[-1][0], parts[-1][2], seed=seed)
                 model.fold_models.append(fold_model)
             scores = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
             correct, positions = np.concatenate([p[1] for p in parts]), None

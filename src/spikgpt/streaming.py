@@ -157,6 +157,7 @@ class ChunkResult:
     embedded: np.ndarray
     scores: dict[str, np.ndarray]
     embedding: np.ndarray
+    fold_positions: np.ndarray | None = None  # [k, embedded cells, d] (:attr:`Classified.fold_positions`)
 
 
 def run_chunk(
@@ -175,7 +176,13 @@ def run_chunk(
             close_store(store)
     part = model.classify(E, residual, job.mapping, job.names, cells=cells)
     return ChunkResult(
-        start, part.confidence, part.raw_label, part.embedded, part.scores, part.embedding.astype(np.float32)
+        start,
+        part.confidence,
+        part.raw_label,
+        part.embedded,
+        part.scores,
+        part.embedding.astype(np.float32),
+        part.fold_positions,
     )
 
 
@@ -347,6 +354,7 @@ def annotate_file(
                     false_unknown=false_unknown,
                     labels=acc.raw_label,
                     embedding=acc.embedding,
+                    fold_positions=acc.fold_positions,
                 )
                 cols = annotation_columns(
                     model, acc.raw_label, acc.confidence, pvalue, qvalue, unknown, reason, key_added
@@ -403,6 +411,7 @@ class _Collected:
     embedded: np.ndarray
     scores: dict[str, np.ndarray]
     embedding: np.ndarray | None  # kept for the neighbourhood test on queries small enough for it
+    fold_positions: np.ndarray | None  # a cross-fitted model's, likewise (over the embedded cells)
 
 
 def _collect(
@@ -412,12 +421,15 @@ def _collect(
     conf, raw = np.zeros(n, np.float32), np.empty(n, dtype=object)
     embedded = np.zeros(n, dtype=bool)
     parts: dict[int, dict[str, np.ndarray]] = {}
+    fold_parts: dict[int, np.ndarray | None] = {}
     obsm = out_store["obsm"] if "obsm" in out_store else out_store.create_group("obsm")
     arr, kept = None, None
     for r in tqdm(results, total=n_chunks, desc="annotating", unit="chunk", disable=None if progress else True):
         stop = r.start + len(r.confidence)
         conf[r.start : stop], raw[r.start : stop], embedded[r.start : stop] = r.confidence, r.raw_label, r.embedded
         parts[r.start] = r.scores
+        if n <= MAX_NEIGHBOURHOOD_CELLS and r.embedded.any():
+            fold_parts[r.start] = r.fold_positions
         if arr is None:
             arr = _new_dense(obsm, f"X_{key_added}_embedding", (n, r.embedding.shape[1]))
         arr[r.start : stop] = r.embedding
@@ -427,7 +439,9 @@ def _collect(
             kept[r.start : stop] = r.embedding
     # Chunks may arrive out of order (a cluster); the scores of embedded cells are joined in cell order.
     scores = {name: np.concatenate([parts[k].get(name, np.zeros(0)) for k in sorted(parts)]) for name in names}
-    return _Collected(conf, raw, embedded, scores, kept)
+    folds = [fold_parts[k] for k in sorted(fold_parts) if fold_parts[k] is not None]
+    fold_positions = np.concatenate(folds, axis=1) if folds and len(folds) == len(fold_parts) else None
+    return _Collected(conf, raw, embedded, scores, kept, fold_positions)
 
 
 def _replace(written: Path, out: Path) -> None:

@@ -247,15 +247,49 @@ def test_a_group_too_weak_cell_by_cell_is_called_through_its_neighbourhood():
     pos = np.concatenate([rng.normal(0, 1, (300, 5)), rng.normal(8, 0.3, (10, 5))])
     alone = decide(scores, cal, ("s",), fdr=0.1, shift="none")
     assert alone.unknown.sum() == 0 and alone.pvalue[300:].min() > 0.01
-    together = decide(scores, cal, ("s",), fdr=0.1, shift="none", positions=(pos, cal_pos))
+    together = decide(scores, cal, ("s",), fdr=0.1, shift="none", positions=[(pos, cal_pos)])
     assert together.unknown[300:].all() and together.unknown[:300].sum() <= 1
     assert set(together.reason[300:]) == {"neighbourhood"}
     # known cells keep valid p-values (each test valid, Bonferroni over the two)
     assert (together.pvalue[:300] <= 0.05).mean() <= 0.07
     assert NEIGHBOURS == 10 and MAX_NEIGHBOURHOOD_CELLS == 20_000
-    small = decide({"s": scores["s"][:NEIGHBOURS]}, cal, ("s",), shift="none", positions=(pos[:NEIGHBOURS], cal_pos))
+    small = decide({"s": scores["s"][:NEIGHBOURS]}, cal, ("s",), shift="none", positions=[(pos[:NEIGHBOURS], cal_pos)])
     np.testing.assert_array_equal(
         small.pvalue, decide({"s": scores["s"][:NEIGHBOURS]}, cal, ("s",), shift="none").pvalue
+    )
+
+
+def test_fold_neighbourhoods_are_a_cross_conformal_mean_and_keep_the_group_call():
+    """A cross-fitted model's neighbourhood test: each fold's calibration cells in that fold's embedding."""
+    from spikgpt.openset.decision import (
+        fold_neighbourhood_pvalues,
+        neighbourhood_pvalues,
+        neighbourhoods_tested,
+    )
+
+    rng = np.random.default_rng(1)
+    cal = {"s": rng.gamma(2.0, 1.0, 200)}
+    scores = {"s": np.concatenate([rng.gamma(2.0, 1.0, 300), np.full(10, np.quantile(cal["s"], 0.98))])}
+    L = rng.exponential(1.0, 310)
+    # five folds of 40 calibration cells, each fold's query positions a different rotation of the same cells
+    pos = np.concatenate([rng.normal(0, 1, (300, 5)), rng.normal(8, 0.3, (10, 5))])
+    folds = []
+    for j in range(5):
+        R = np.linalg.qr(np.random.default_rng(j).normal(size=(5, 5)))[0]
+        folds.append((pos @ R, rng.normal(0, 1, (40 + j, 5)) @ R))
+    one = fold_neighbourhood_pvalues(L, folds[:1])
+    np.testing.assert_allclose(one, neighbourhood_pvalues(L, *folds[0]))
+    weights = np.array([40 + j for j in range(5)], dtype=float)
+    expected = sum(w * neighbourhood_pvalues(L, *f) for w, f in zip(weights, folds, strict=True)) / weights.sum()
+    np.testing.assert_allclose(fold_neighbourhood_pvalues(L, folds), expected)
+    together = decide(scores, cal, ("s",), fdr=0.1, shift="none", positions=folds)
+    assert together.unknown[300:].all() and together.unknown[:300].sum() <= 1
+    # no test where a fold has too few positions for a tail (< 21: MIN_TAIL_CELLS at 20 %): it could call nothing
+    assert neighbourhoods_tested([40] * 5) and not neighbourhoods_tested([40, 40, 20]) and not neighbourhoods_tested([])
+    short = [(q, c[:20]) for q, c in folds]
+    np.testing.assert_array_equal(
+        decide(scores, cal, ("s",), shift="none", positions=short).pvalue,
+        decide(scores, cal, ("s",), shift="none").pvalue,
     )
 
 

@@ -36,9 +36,9 @@ from spikgpt.openset.decision import (
     check_fdr,
     check_shift,
     decide,
+    neighbourhoods_tested,
     smallest_pvalue,
     unreachable_unknown,
-    with_neighbourhood,
 )
 from spikgpt.openset.novelty import (
     DEFAULT_COMBINATION,
@@ -129,6 +129,9 @@ class Classified:
     embedded: np.ndarray  # [n] bool
     scores: dict[str, np.ndarray]  # raw novelty scores of the embedded cells
     outputs: CellOutputs  # of the embedded cells
+    # [k, embedded cells, d] each fold model's positions of the embedded cells (its standardised mapped
+    # embedding; NaN where it could not embed), for the neighbourhood test of a cross-fitted model
+    fold_positions: np.ndarray | None = None
 
 
 @dataclass
@@ -294,6 +297,7 @@ class SpikGPTModel:
             false_unknown=false_unknown,
             labels=part.raw_label,
             embedding=part.embedding,
+            fold_positions=part.fold_positions,
         )
         return Prediction(
             part.embedding,
@@ -395,11 +399,11 @@ class SpikGPTModel:
         probs[embedded] = out.probs
         E_out = E.copy()
         E_out[embedded] = E_ok
-        scores = {}
+        scores, fold_positions = {}, None
         if self.novelty is not None and embedded.any():
             if self.fold_models:
                 kw = {"E": E, "residual": residual, "fold_inputs": fold_inputs}
-                scores = self.fold_scores(cells, embedded, mapped, names, **kw)
+                scores, fold_positions = self.fold_scores(cells, embedded, mapped, names, **kw)
             else:
                 scores = self.raw_scores(out, names)
         return Classified(
@@ -411,6 +415,7 @@ class SpikGPTModel:
             embedded,
             scores,
             out,
+            fold_positions,
         )
 
     def fold_scores(
@@ -423,7 +428,7 @@ class SpikGPTModel:
         E: np.ndarray | None = None,
         residual: np.ndarray | None = None,
         fold_inputs: list[tuple[np.ndarray, np.ndarray | None]] | None = None,
-    ) -> dict[str, np.ndarray]:
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Cross-conformal raw scores of the ``embedded`` cells: each score's mean over :attr:`fold_models`.
 
         Every fold model embeds the cells itself and maps them with its own translation
@@ -437,10 +442,15 @@ class SpikGPTModel:
         which fold models whose embedder does not learn from the reference reuse
         (:attr:`~spikgpt.embed.Embedder.learns_from_reference`: scGPT is not run six times);
         ``fold_inputs``: every fold model's embedding of ``cells`` (:meth:`fold_embeddings`), made once.
+
+        Also returns each fold model's positions of the cells (``[k, n, d]``, its standardised
+        mapped embedding; NaN where it could not embed) when the fold models keep their
+        calibration cells' positions (:meth:`decide_unknown`'s neighbourhood test), else ``None``.
         """
         n = int(embedded.sum())
         maps = mapped.folds if mapped is not None else (None,) * len(self.fold_models)
         per_fold = {name: np.full((len(self.fold_models), n), np.nan) for name in names}
+        positions = None
         if fold_inputs is None:
             fold_inputs = self.fold_embeddings(cells, names, E, residual)
         for j, (fold, fold_map, (E_fold, res_fold)) in enumerate(zip(self.fold_models, maps, fold_inputs, strict=True)):
@@ -456,12 +466,21 @@ class SpikGPTModel:
             out.residual = None if res_fold is None else res_fold[embedded][ok]
             for name, v in fold.raw_scores(out, names).items():
                 per_fold[name][j, ok] = v
+            if self.fold_calibration_positions() is not None:
+                if positions is None:
+                    positions = np.full((len(self.fold_models), n, out.embedding.shape[1]), np.nan, np.float32)
+                positions[j, ok] = out.embedding
         mean = {}
         for name, v in per_fold.items():
             n_scored = np.isfinite(v).sum(axis=0)
             total = np.where(np.isfinite(v), v, 0.0).sum(axis=0)
             mean[name] = np.where(n_scored > 0, total / np.maximum(n_scored, 1), -np.inf)
-        return mean
+        return mean, positions
+
+    def fold_calibration_positions(self) -> list[np.ndarray] | None:
+        """Each fold model's held-out cells' positions in its own embedding (cross-fitted models since 0.22)."""
+        found = [f.novelty.calibration_positions() if f.novelty is not None else None for f in self.fold_models]
+        return found if found and all(p is not None for p in found) else None
 
     def decide_unknown(
         self,
@@ -475,6 +494,7 @@ class SpikGPTModel:
         false_unknown: float | None = None,
         labels: np.ndarray | None = None,
         embedding: np.ndarray | None = None,
+        fold_positions: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
         """p-values, q-values, Unknown, reason and the global shift removed, over the whole query.
 
@@ -485,7 +505,8 @@ class SpikGPTModel:
         ``labels`` (the raw label of every cell) lets a shift be corrected type by type;
         ``embedding`` (the mapped embedding of every cell, :attr:`Classified.embedding`) lets each
         cell's neighbourhood be tested as well, when the model stores its calibration cells'
-        positions.
+        positions; a cross-fitted model reads ``fold_positions`` instead (:attr:`Classified.fold_positions`,
+        over the embedded cells), each fold model's own, beside its own calibration cells'.
         """
         n = len(embedded)
         pvalue, qvalue = np.zeros(n), np.zeros(n)
@@ -493,11 +514,13 @@ class SpikGPTModel:
         reason = np.full(n, "not_embedded", dtype=object)
         removed = {"location": 0.0, "scale": 1.0, "unknown_withheld": 0}
         if self.novelty is not None and embedded.any():
-            cal_positions = self.novelty.calibration_positions()
-            positions = None
-            # whole-query size, as the chunked path keeps embeddings: the same cells get the same test
-            if embedding is not None and cal_positions is not None and n <= MAX_NEIGHBOURHOOD_CELLS:
-                positions = (self.standardise(np.asarray(embedding, dtype=np.float32)[embedded]), cal_positions)
+            positions = self._positions(embedded, embedding, fold_positions)
+            # Cross-fitted: calls are withheld under a global shift only where no neighbourhood test
+            # runs (references of under ~105 cells, or older models); with one, withholding lost the
+            # calls and kept no false one out (0.22, benchmarks/cross_conformal.py, `fold neighbourhoods`).
+            tested = positions is not None and neighbourhoods_tested(
+                [len(c) for _, c in positions], int(embedded.sum())
+            )
             d = decide(
                 scores,
                 self.novelty.calibration_scores(names),
@@ -509,7 +532,7 @@ class SpikGPTModel:
                 false_unknown=false_unknown,
                 groups=None if labels is None else np.asarray(labels)[embedded],
                 positions=positions,
-                withhold_under_shift=self.cross_fitted,
+                withhold_under_shift=self.cross_fitted and not tested,
                 untested=None if labels is None else np.isin(np.asarray(labels)[embedded], self.uncalibrated_types),
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
@@ -518,9 +541,10 @@ class SpikGPTModel:
             if d.withheld:
                 logger.warning(
                     "The query is shifted as a whole (median -log p %.2f above the null) and this model's "
-                    "calibration is cross-fitted: %d cell(s) that the rule would call Unknown keep their labels, "
-                    "because on cross-fitted models the shift correction also called known cells Unknown "
-                    "(README, small references). Their p- and q-values are kept in obs.",
+                    "calibration is cross-fitted without a neighbourhood test (a reference of under ~105 cells, a "
+                    "query of over 20,000, or a model trained before spikgpt 0.22): %d cell(s) that the rule would "
+                    "call Unknown keep their labels, because there the shift correction also called known cells "
+                    "Unknown (README, small references). Their p- and q-values are kept in obs.",
                     d.shift["location"],
                     d.withheld,
                 )
@@ -530,6 +554,27 @@ class SpikGPTModel:
         elif embedded.any():  # uncalibrated model (calibration_fraction=0): nothing is Unknown
             pvalue[embedded], qvalue[embedded], reason[embedded] = 1.0, 1.0, ""
         return pvalue, qvalue, unknown, reason, removed
+
+    def _positions(
+        self, embedded: np.ndarray, embedding: np.ndarray | None, fold_positions: np.ndarray | None
+    ) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """The neighbourhood test's ``(query, calibration)`` positions (:func:`~spikgpt.openset.decide`), or ``None``.
+
+        One pair for a held-out model; one per fold model for a cross-fitted one, when every fold
+        model placed every embedded cell. Only for queries of up to ``MAX_NEIGHBOURHOOD_CELLS``
+        cells in all (the chunked path keeps positions only then: the same cells get the same test).
+        """
+        if len(embedded) > MAX_NEIGHBOURHOOD_CELLS:
+            return None
+        if self.fold_models:
+            cal = self.fold_calibration_positions()
+            if cal is None or fold_positions is None or not np.isfinite(fold_positions).all():
+                return None
+            return list(zip(fold_positions, cal, strict=True))
+        cal = self.novelty.calibration_positions()
+        if embedding is None or cal is None:
+            return None
+        return [(self.standardise(np.asarray(embedding, dtype=np.float32)[embedded]), cal)]
 
     @property
     def cross_fitted(self) -> bool:
@@ -555,8 +600,11 @@ class SpikGPTModel:
         """
         names = names or score_names(self.novelty_method, DEFAULT_COMBINATION)
         own = smallest_pvalue(self.novelty.calibration_scores(names), names, self._calibration_statistic(names))
-        positions = self.novelty.calibration_positions()
-        return own if positions is None else with_neighbourhood(own, len(positions))
+        positions = self.fold_calibration_positions() if self.fold_models else [self.novelty.calibration_positions()]
+        tested = (
+            positions is not None and positions[0] is not None and neighbourhoods_tested([len(p) for p in positions])
+        )
+        return 0.0 if tested else own  # the neighbourhood null's tails have no floor
 
     def _calibration_statistic(self, names: tuple[str, ...]) -> np.ndarray:
         """Calibration cells' combined statistic for ``names`` (cached: it only depends on the model)."""
