@@ -54,8 +54,10 @@ logger = logging.getLogger("spikgpt")
 
 FORMAT = "spikgpt-model"
 #: 6: cross-fitted models keep their fold models (``folds/0``, ``folds/1``, …), which score the
-#: query; 5: the calibration network is kept beside a refitted classifier (4: an ensemble of
-#: networks; 3: one network, read as a one-member ensemble).
+#: query (since 0.22 each fold model also keeps its held-out cells' scores and positions, which
+#: older readers ignore: such a model decides there as 0.21 did); 5: the calibration network is
+#: kept beside a refitted classifier (4: an ensemble of networks; 3: one network, read as a
+#: one-member ensemble).
 FORMAT_VERSION = 6
 #: Oldest format this version reads (3: conformal FDR decision and query mapping; 2: class Gaussians).
 OLDEST_FORMAT_VERSION = 3
