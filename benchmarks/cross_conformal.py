@@ -39,7 +39,9 @@ cell by cell: cross-fitted models have no calibration positions) at FDR 0.10:
   calls are withheld under a shift only where no neighbourhood test runs (folds under 21 cells:
   mESC's references); ``· no calls when shifted`` withholds them always. Caches from before 0.22
   hold fold 0's positions only: :func:`add_positions` refits folds 1–4 (checked against the
-  cached scores) and adds theirs.
+  cached scores) and adds theirs. ``· Simes``: the same with the cell's own and its
+  neighbourhood's p-values merged by Simes instead of Bonferroni (a candidate, not the
+  package's; ``neighbourhood_null.simes_pvalues``).
 
 Open set: the scenarios of ``novelty_cache.py`` on ``--open-seeds`` reference subsamples; closed
 set: the bench tasks with their composition-shifted query variants (``--closed-seeds``). Reported
@@ -96,6 +98,8 @@ RULES = tuple(r + w + g for r in SCORINGS for w in ("", WITHHELD) for g in ("", 
 RULES += (HELD_OUT + GUARD, HELD_OUT + WITHHELD + GUARD, HELD_OUT + CELL_BY_CELL + GUARD)
 NEIGHBOURHOODS = (FOLD0_NEIGHBOURS, FOLD_NEIGHBOURS)
 RULES += tuple("cross-conformal mean" + nb + w + GUARD for nb in NEIGHBOURHOODS for w in ("", WITHHELD))
+SIMES = " · Simes"
+RULES += ("cross-conformal mean" + FOLD_NEIGHBOURS + SIMES + GUARD,)
 ARRAYS = ("pred", "matched", "unseen")
 POSITIONS = tuple(f"Z{w}{j}" for j in range(FOLDS) for w in "cq")
 
@@ -197,6 +201,8 @@ def scenario(
     """
     guard = rule.endswith(GUARD)
     rule = rule.removesuffix(GUARD)
+    simes = rule.endswith(SIMES)
+    rule = rule.removesuffix(SIMES)
     withhold = rule.endswith(WITHHELD)
     rule = rule.removesuffix(WITHHELD)
     cell_by_cell = rule.endswith(CELL_BY_CELL)
@@ -233,6 +239,7 @@ def scenario(
         "unseen": fitted["unseen"][rows],
         "matched": fitted["matched"][rows],
         "withhold": withhold,
+        **({"combine": "simes"} if simes else {}),
         **positions,
         **({"untested": uncalibrated[fitted["pred"][rows]]} if guard else {}),
     }
