@@ -145,6 +145,7 @@ class ChunkJob:
     names: tuple[str, ...]
     mapping: Mapping | None
     obsm_keys: tuple[str, ...] = ()
+    keep_positions: bool = True  # fold positions back to the collector (queries small enough for the test)
 
 
 @dataclass
@@ -182,7 +183,7 @@ def run_chunk(
         part.embedded,
         part.scores,
         part.embedding.astype(np.float32),
-        part.fold_positions,
+        part.fold_positions if job.keep_positions else None,
     )
 
 
@@ -323,7 +324,9 @@ def annotate_file(
                 if mapped is not None and not ok.all():  # matched over the sample's embedded cells
                     matched = np.zeros(n, dtype=bool)
                     matched[rows[ok]] = mapped.matched
-            job = ChunkJob(str(path), layer, use_raw, gene_key, scale, names, mapped, obsm_keys)
+            job = ChunkJob(
+                str(path), layer, use_raw, gene_key, scale, names, mapped, obsm_keys, n <= MAX_NEIGHBOURHOOD_CELLS
+            )
             bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
             if client is None:
                 results = (run_chunk(job, model, s, e, src) for s, e in bounds)

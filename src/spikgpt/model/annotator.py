@@ -447,11 +447,14 @@ class SpikGPTModel:
 
         Also returns each fold model's positions of the cells (``[k, n, d]``, its standardised
         mapped embedding; NaN where it could not embed) when the fold models keep their
-        calibration cells' positions (:meth:`decide_unknown`'s neighbourhood test), else ``None``.
+        calibration cells' positions (:meth:`decide_unknown`'s neighbourhood test) and there are
+        at most ``MAX_NEIGHBOURHOOD_CELLS`` cells, else ``None``.
         """
         n = int(embedded.sum())
         maps = mapped.folds if mapped is not None else (None,) * len(self.fold_models)
         per_fold = {name: np.full((len(self.fold_models), n), np.nan) for name in names}
+        # positions only where the neighbourhood test can use them (k × cells × d floats otherwise wasted)
+        keep = self.fold_calibration_positions() is not None and len(embedded) <= MAX_NEIGHBOURHOOD_CELLS
         positions = None
         if fold_inputs is None:
             fold_inputs = self.fold_embeddings(cells, names, E, residual)
@@ -468,7 +471,7 @@ class SpikGPTModel:
             out.residual = None if res_fold is None else res_fold[embedded][ok]
             for name, v in fold.raw_scores(out, names).items():
                 per_fold[name][j, ok] = v
-            if self.fold_calibration_positions() is not None:
+            if keep:
                 if positions is None:
                     positions = np.full((len(self.fold_models), n, out.embedding.shape[1]), np.nan, np.float32)
                 positions[j, ok] = out.embedding
