@@ -41,7 +41,8 @@ cell by cell: cross-fitted models have no calibration positions) at FDR 0.10:
   hold fold 0's positions only: :func:`add_positions` refits folds 1–4 (checked against the
   cached scores) and adds theirs. ``· Simes``: the same with the cell's own and its
   neighbourhood's p-values merged by Simes instead of Bonferroni (a candidate, not the
-  package's; ``neighbourhood_null.simes_pvalues``).
+  package's; ``neighbourhood_null.simes_pvalues``); ``held out · Simes · guard`` the same merge
+  for the held-out rule.
 
 Open set: the scenarios of ``novelty_cache.py`` on ``--open-seeds`` reference subsamples; closed
 set: the bench tasks with their composition-shifted query variants (``--closed-seeds``). Reported
@@ -99,7 +100,7 @@ RULES += (HELD_OUT + GUARD, HELD_OUT + WITHHELD + GUARD, HELD_OUT + CELL_BY_CELL
 NEIGHBOURHOODS = (FOLD0_NEIGHBOURS, FOLD_NEIGHBOURS)
 RULES += tuple("cross-conformal mean" + nb + w + GUARD for nb in NEIGHBOURHOODS for w in ("", WITHHELD))
 SIMES = " · Simes"
-RULES += ("cross-conformal mean" + FOLD_NEIGHBOURS + SIMES + GUARD,)
+RULES += ("cross-conformal mean" + FOLD_NEIGHBOURS + SIMES + GUARD, HELD_OUT + SIMES + GUARD)
 ARRAYS = ("pred", "matched", "unseen")
 POSITIONS = tuple(f"Z{w}{j}" for j in range(FOLDS) for w in "cq")
 
