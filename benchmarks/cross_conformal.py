@@ -197,23 +197,17 @@ def scenario(
     ``uncalibrated``: per class, whether no calibration cell represents it (the guard's types).
     ``held out``: fold 0's model and its ``n_fold0`` held-out cells alone, with their positions
     for the neighbourhood test (the package's held-out calibration); ``· cell by cell`` drops
-    them; ``· fold-0 neighbourhood`` gives the cross-conformal scores fold 0's positions; the
-    other rules have none (cross-fitted models decide cell by cell).
+    them; ``· fold-0 neighbourhood`` gives the cross-conformal scores fold 0's positions,
+    ``· fold neighbourhoods`` every fold's (the package's cross-fitted rule, 0.22); ``· Simes``
+    merges the two tests by Simes; the other rules have none (they decide cell by cell).
     """
-    guard = rule.endswith(GUARD)
-    rule = rule.removesuffix(GUARD)
-    simes = rule.endswith(SIMES)
-    rule = rule.removesuffix(SIMES)
-    withhold = rule.endswith(WITHHELD)
-    rule = rule.removesuffix(WITHHELD)
-    cell_by_cell = rule.endswith(CELL_BY_CELL)
-    rule = rule.removesuffix(CELL_BY_CELL)
-    fold0_neighbours = rule.endswith(FOLD0_NEIGHBOURS)
-    rule = rule.removesuffix(FOLD0_NEIGHBOURS)
-    fold_neighbours = rule.endswith(FOLD_NEIGHBOURS)
-    rule = rule.removesuffix(FOLD_NEIGHBOURS)
+    has = {}
+    for suffix in (GUARD, SIMES, WITHHELD, CELL_BY_CELL, FOLD0_NEIGHBOURS, FOLD_NEIGHBOURS):  # outermost first
+        has[suffix], rule = rule.endswith(suffix), rule.removesuffix(suffix)
+    guard, simes, withhold, cell_by_cell = has[GUARD], has[SIMES], has[WITHHELD], has[CELL_BY_CELL]
+    fold0_neighbours, fold_neighbours = has[FOLD0_NEIGHBOURS], has[FOLD_NEIGHBOURS]
     cal = fitted["calibration"]
-    # fold 0's calibration cells placed among the query cells in fold 0's embedding: the neighbourhood test
+    # each fold's calibration cells placed among the query cells in its embedding: the neighbourhood test
     with_positions = fold0_neighbours or (rule == HELD_OUT and not cell_by_cell)
     folds = range(FOLDS) if fold_neighbours else range(1) if with_positions else range(0)
     positions = {"positions": [(fitted[f"Zq{j}"][rows], fitted[f"Zc{j}"]) for j in folds]} if folds else {}
