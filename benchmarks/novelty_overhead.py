@@ -34,44 +34,55 @@ import torch
 import spikgpt
 from spikgpt.data import Cells
 from spikgpt.mapping import estimate_mapping
-from spikgpt.openset.decision import decide
-from spikgpt.openset.novelty import score_names
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc_ifnb" / "pbmc_ifnb_kang.h5ad"
 
 
 def time_parts(model: spikgpt.SpikGPTModel, cells: Cells, repeats: int) -> dict[str, float]:
-    """Best-of-``repeats`` seconds of classification and of novelty scoring.
+    """Best-of-``repeats`` seconds of classification, mapping and novelty.
 
-    The two halves of ``predict`` are timed within one pass. Timing ``predict`` with and without
-    novelty statistics and subtracting was tried: run-to-run noise of the embedding step
-    (seconds at 100,000 cells) swamped the difference (−11 % to +49 %).
+    The parts are timed within one pass of :meth:`~spikgpt.SpikGPTModel.predict`'s public steps:
+    classification is the model's embedding and networks; mapping its own translation; novelty
+    everything else the Unknown decision needs — the residual, and for a cross-fitted model
+    (the default since 0.23 up to 50,000 reference cells) the fold models' embeddings,
+    translations and scores — then :meth:`~spikgpt.SpikGPTModel.decide_unknown`. Timing
+    ``predict`` with and without novelty statistics and subtracting was tried: run-to-run noise
+    of the embedding step (seconds at 100,000 cells) swamped the difference (−11 % to +49 %).
     """
     best = {"classify_s": np.inf, "mapping_s": np.inf, "novelty_s": np.inf}
-    names = score_names(model.novelty_method, model.novelty_components)
+    names = model.score_names()
     for _ in range(repeats):
         t0 = time.perf_counter()
         E = model.embedder.transform(cells)
         t1 = time.perf_counter()
         mapping = estimate_mapping(model.standardise(E), model.novelty.state["ref_embedding"])
-        E = E - mapping.shift * model.input_std
+        E_mapped = E - mapping.shift * model.input_std
         t2 = time.perf_counter()
-        out = model.outputs(E)
-        out.probs.argmax(axis=1)
+        out = model.outputs(E_mapped)
+        labels = np.asarray(model.classes, dtype=object)[out.probs.argmax(axis=1)]
         t3 = time.perf_counter()
         # predict() computes the residual in the embedding pass (Embedder.embed); its extra cost
         # over a plain transform is charged to novelty
         _, out.residual = model.embedder.embed(cells) if "pca_residual" in names else (None, None)
         t4 = time.perf_counter()
-        positions = model.novelty.calibration_positions()
-        decide(  # as SpikGPTModel.decide_unknown calls it: type-by-type shift, neighbourhoods
-            model.raw_scores(out, names),
-            model.novelty.calibration_scores(names),
+        embedded = np.isfinite(E).all(axis=1)
+        fold_positions = None
+        if model.fold_models:
+            inputs = model.fold_embeddings(cells, names, E, out.residual)
+            mapping.folds = tuple(fold.map_query(E_f) for fold, (E_f, _) in zip(model.fold_models, inputs, strict=True))
+            kw = {"E": E, "residual": out.residual, "fold_inputs": inputs}
+            scores, fold_positions = model.fold_scores(cells, embedded, mapping, names, **kw)
+        else:
+            scores = model.raw_scores(out, names)
+        model.decide_unknown(  # as predict() calls it: type-by-type shift, neighbourhoods
+            scores,
+            embedded,
             names,
-            calibration_statistics=model._calibration_statistic(names),
-            shift=model.shift,
-            groups=out.probs.argmax(axis=1),
-            positions=None if positions is None else [(model.standardise(E.astype(np.float32)), positions)],
+            model.fdr,
+            matched=mapping.matched,
+            labels=labels,
+            embedding=E_mapped,
+            fold_positions=fold_positions,
         )
         t5 = time.perf_counter()
         residual_extra = max((t4 - t3) - (t1 - t0), 0.0) if "pca_residual" in names else 0.0
@@ -92,6 +103,9 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference-cells", type=int, default=0, help="tile the reference to this many cells")
+    parser.add_argument(
+        "--calibration-folds", type=int, default=None, help="train(calibration_folds=...): the default, or 1 (held out)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
 
@@ -101,7 +115,7 @@ def main() -> None:
     if args.reference_cells > ref.n_obs:
         ref = tile(ref, args.reference_cells)
     t0 = time.perf_counter()
-    model = spikgpt.train(ref, "cell_type", progress=False)
+    model = spikgpt.train(ref, "cell_type", calibration_folds=args.calibration_folds, progress=False)
     train_s = time.perf_counter() - t0
     rows = []
     for n in args.n_cells:
@@ -123,6 +137,7 @@ def main() -> None:
     result = {
         "reference_cells": ref.n_obs,
         "knn_reference_sample": len(model.novelty.state["ref_embedding"]),
+        "calibration": model.summary["calibration"],
         "train_seconds": round(train_s, 1),
         "novelty": {"components": list(model.novelty_components), "shift": model.shift, "fdr": model.fdr},
         "rows": rows,

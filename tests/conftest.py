@@ -43,8 +43,9 @@ def counts():
 def trained():
     """A small model, an ensemble of two networks, trained on synthetic counts (shared: training is the slow part).
 
-    Calibrated on held-out cells, as a reference of more than ~400 cells is by default (this one's
-    160 would be cross-fitted: ``crossfitted`` covers that path).
+    Calibrated on held-out cells, as a reference of more than ~400 cells is by default when its
+    novelty score reads a network (this one's 160 would be cross-fitted: ``crossfitted`` covers
+    that path).
     """
     from dataclasses import replace
 

@@ -291,7 +291,9 @@ def test_cross_fitted_calibration_scores_every_cell_and_the_fold_models_score_th
 
     ref = synthetic_counts({"A": 60, "B": 60, "C": 3}, seed=5)
     short = replace(FAST, max_epochs=15)  # seven networks to train: the plumbing is the point
-    crossfit = spikgpt.train(ref, "cell_type", train_config=short, calibration_folds=5, progress=False)
+    # a novelty score that reads a network: each fold model trains one (the default trains none, below)
+    kw = {"train_config": short, "calibration_folds": 5, "progress": False}
+    crossfit = spikgpt.train(ref, "cell_type", novelty="energy", **kw)
     held_out = spikgpt.train(ref, "cell_type", train_config=short, calibration_folds=1, progress=False)
     cal = crossfit.summary["calibration"]
     # every cell of a splittable type calibrates (scored out of fold); the 3-cell type never does
@@ -344,6 +346,26 @@ def test_cross_fitted_calibration_scores_every_cell_and_the_fold_models_score_th
     assert "not calibrated" not in caplog.text
     first = held_out.summary["calibration_network"]  # then refitted on all 123 cells
     assert first["n_train"] + first["n_val"] == 99 and held_out.summary["history"]["n_train"] == 123
+
+    # 0.23: with the default scores (embedding and residual) the fold models train no network, and
+    # score every cell as the fold models with networks do: the same embedders, the same statistics
+    free = spikgpt.train(ref, "cell_type", **kw)
+    assert all(f.network is None for f in free.fold_models) and free.summary["calibration"]["n_cells"] == 120
+    assert all(f.summary["history"] == {} for f in free.fold_models)  # nothing trained
+    default = free.novelty_components
+    for name, v in free.novelty.calibration_scores(default).items():
+        np.testing.assert_array_equal(v, crossfit.novelty.calibration_scores(default)[name], err_msg=name)
+    for fold, with_net in zip(free.fold_models, crossfit.fold_models, strict=True):
+        np.testing.assert_array_equal(fold.novelty.calibration_positions(), with_net.novelty.calibration_positions())
+    a = spikgpt.annotate(ref[:30], free, copy=True).obs
+    b = spikgpt.annotate(ref[:30], crossfit, novelty="combined", copy=True).obs
+    np.testing.assert_array_equal(a["spikgpt_pvalue"], b["spikgpt_pvalue"])
+    # its accuracy is the classifier's on the 24 cells held out of it (the fold models label nothing)
+    assert free.summary["calibration"]["accuracy"] == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(ValueError, match="calibrated without the novelty score.*energy.*novelty="):
+        spikgpt.annotate(ref[:30], free, novelty="energy", copy=True)
+    with pytest.raises(ValueError, match="no classifier network"):
+        free.fold_models[0].outputs(E)
     with pytest.raises(InputError, match="calibration_folds"):
         spikgpt.train(ref, "cell_type", calibration_folds=0, progress=False)
 
@@ -376,9 +398,16 @@ def test_a_reference_too_small_for_the_tail_is_cross_fitted_and_a_shifted_query_
     calibration cells untested. Measured on this model (0.20): 27 of 60 new cells called with 3
     known ones; under gene-wise batch factors (σ 0.4, 0.8) the gate fires and nothing is called.
     """
-    from spikgpt.api import auto_calibration_folds
+    from spikgpt.api import CROSS_FIT_MAX_CELLS, auto_calibration_folds
 
-    assert auto_calibration_folds(20) == 5 and auto_calibration_folds(80) == 5 and auto_calibration_folds(81) == 1
+    for networks in (True, False):  # up to 80 held-out cells whatever the score
+        assert auto_calibration_folds(20, 100, fold_networks=networks) == 5
+        assert auto_calibration_folds(80, 400, fold_networks=networks) == 5
+    # above, only where the fold models need no network (0.23), up to CROSS_FIT_MAX_CELLS
+    assert auto_calibration_folds(81, 405, fold_networks=True) == 1
+    assert auto_calibration_folds(81, 405, fold_networks=False) == 5
+    assert auto_calibration_folds(CROSS_FIT_MAX_CELLS // 5, CROSS_FIT_MAX_CELLS, fold_networks=False) == 5
+    assert auto_calibration_folds(CROSS_FIT_MAX_CELLS // 5 + 1, CROSS_FIT_MAX_CELLS + 1, fold_networks=False) == 1
     model = crossfitted
     assert model.cross_fitted and model.summary["calibration"]["folds"] == 5 and len(model.fold_models) == 5
     assert model.summary["calibration"]["n_cells"] == 100 and model.smallest_pvalue() == 0  # a tail: no floor

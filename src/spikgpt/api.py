@@ -34,7 +34,7 @@ from spikgpt.model.training import (
 )
 from spikgpt.openset import DEFAULT_FDR, UNKNOWN, check_false_unknown, check_fdr, reject
 from spikgpt.openset.decision import check_shift
-from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs, NoveltyScorer, score_names
+from spikgpt.openset.novelty import DEFAULT_COMBINATION, NETWORK_SCORES, SCORES, CellOutputs, NoveltyScorer, score_names
 from spikgpt.streaming import STREAM_REFERENCE_CELLS, close_store, obs_index, open_store, stored_reference
 
 logger = logging.getLogger("spikgpt")
@@ -67,25 +67,33 @@ def labels_of(adata: ad.AnnData, label_key: str) -> tuple[np.ndarray, list[str]]
     return y.astype(np.int64), classes.tolist()
 
 
-#: Folds of cross-fitted calibration, where the held-out cells are too few to calibrate on.
+#: Folds of cross-fitted calibration.
 CALIBRATION_FOLDS = 5
 #: Up to this many held-out calibration cells (20 % of a reference of up to ~400 cells),
-#: ``calibration_folds=None`` cross-fits instead (0.21; 0.20: up to 20).
+#: ``calibration_folds=None`` cross-fits whatever the novelty score (0.21; 0.20: up to 20).
 CROSS_FIT_HELD_OUT_CELLS = 80
+#: Up to this many reference cells, ``calibration_folds=None`` cross-fits when the novelty score
+#: reads no network, so the fold models train none (0.23).
+CROSS_FIT_MAX_CELLS = STREAM_REFERENCE_CELLS
 
 
-def auto_calibration_folds(n_held_out: int) -> int:
-    """The folds ``calibration_folds=None`` chooses for ``n_held_out`` held-out calibration cells.
+def auto_calibration_folds(n_held_out: int, n_cells: int, *, fold_networks: bool) -> int:
+    """The folds ``calibration_folds=None`` chooses: :data:`CALIBRATION_FOLDS` (cross-fitted) or 1 (held out).
 
-    :data:`CALIBRATION_FOLDS` for :data:`CROSS_FIT_HELD_OUT_CELLS` or fewer (a reference of up to
-    ~400 cells), else 1. With 20 or fewer the held-out rule fits no p-value tail and calls no
-    cell Unknown; with 21–80 it fits its tail to 5–16 cells, and on 150-, 250- and 400-cell
-    references it called Unknown at an FDR of 0.30–0.55 on the worst dataset and up to 12 % of
-    a closed-set query's known cells, where cross-fitted calibration with the query scored by
-    the fold models kept the FDR ≤ 0.02 and false Unknown ≤ 1.4 % (leave-one-dataset-out at
-    100, 150, 250 and 400 cells; README, small references).
+    ``n_held_out``: the cells ``calibration_fraction`` would hold out of an ``n_cells`` reference;
+    ``fold_networks``: whether the novelty score reads a network, so each fold model would
+    train one. Cross-fitted for :data:`CROSS_FIT_HELD_OUT_CELLS` or fewer held-out cells (a
+    reference of up to ~400 cells) and, where the fold models need no network (the default
+    scores), for references of up to :data:`CROSS_FIT_MAX_CELLS` cells; else held out.
+    Held out, 20 or fewer cells fit no p-value tail and call no cell Unknown; on 150-cell to
+    full-size references the held-out rule called Unknown at an FDR of 0.30–0.55 on the worst
+    dataset and 6–12 % of a closed-set query's known cells, where cross-fitted calibration with
+    the query scored by the fold models kept the FDR ≤ 0.07 and false Unknown ≤ 2.9 %
+    (leave-one-dataset-out at 100, 150, 250, 400, 500 cells and full size; README, small references).
     """
-    return CALIBRATION_FOLDS if n_held_out <= CROSS_FIT_HELD_OUT_CELLS else 1
+    if n_held_out <= CROSS_FIT_HELD_OUT_CELLS or (not fold_networks and n_cells <= CROSS_FIT_MAX_CELLS):
+        return CALIBRATION_FOLDS
+    return 1
 
 
 def check_calibration_folds(folds: int | None) -> None:
@@ -111,11 +119,13 @@ def _fit_pipeline(
     *,
     seed: int,
     progress: bool,
+    with_network: bool = True,
 ) -> tuple[SpikGPTModel, np.ndarray, np.ndarray]:
     """Fit embedder and classifier on ``cells`` (no calibration).
 
     Returns the model and the embedding and labels of the cells it was fitted on (those the
-    embedder could embed), so the reference need not be embedded twice.
+    embedder could embed), so the reference need not be embedded twice. ``with_network=False``:
+    embedder and scaling only (a fold model whose novelty scores read no network).
     """
     # A passed instance is copied: the caller's object is not fitted in place.
     embedder = copy.deepcopy(make_embedder(embedder))
@@ -130,8 +140,9 @@ def _fit_pipeline(
     mean = E.mean(axis=0)
     std = np.full_like(mean, max(float(np.sqrt(((E - mean) ** 2).sum(axis=1).mean() / E.shape[1])), 1e-6))
     Z = ((E - mean) / std).astype(np.float32)
-    net_cfg = replace(net_cfg, in_dim=E.shape[1])
-    net, history = fit_network(Z, y, net_cfg, cfg, seed=seed, progress=progress)
+    net, history = None, {}
+    if with_network:
+        net, history = fit_network(Z, y, replace(net_cfg, in_dim=E.shape[1]), cfg, seed=seed, progress=progress)
     model = SpikGPTModel(
         embedder=embedder,
         network=net,
@@ -156,16 +167,30 @@ def _embedded_outputs(model: SpikGPTModel, cells: Cells) -> tuple[CellOutputs, n
     E = np.concatenate([p[0] for p in parts])
     residual = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
     ok = np.isfinite(E).all(axis=1)
-    out = model.outputs(E[ok])
+    out = model.outputs(E[ok]) if model.network is not None else CellOutputs.of_embedding(model.standardise(E[ok]))
     out.residual = None if residual is None else residual[ok]
     return out, ok
 
 
-def _fit_scored(cells, y: np.ndarray, classes: list[str], embedder, net_cfg, cfg, *, seed: int, progress: bool):
+def _fit_scored(
+    cells,
+    y: np.ndarray,
+    classes: list[str],
+    embedder,
+    net_cfg,
+    cfg,
+    *,
+    seed: int,
+    progress: bool,
+    with_network: bool = True,
+):
     """:func:`_fit_pipeline` plus the novelty statistics of the cells it was fitted on."""
-    model, E_fit, y_fit = _fit_pipeline(cells, y, embedder, net_cfg, cfg, seed=seed, progress=progress)
+    model, E_fit, y_fit = _fit_pipeline(
+        cells, y, embedder, net_cfg, cfg, seed=seed, progress=progress, with_network=with_network
+    )
     model.classes = classes
-    model.novelty = NoveltyScorer().fit(model.outputs(E_fit), y_fit, seed=seed)
+    out = model.outputs(E_fit) if with_network else CellOutputs.of_embedding(model.standardise(E_fit))
+    model.novelty = NoveltyScorer().fit(out, y_fit, seed=seed)
     return model
 
 
@@ -201,9 +226,16 @@ def _refit_network(
     model.summary["calibration_network"] = first
 
 
-def _held_out_scores(model: SpikGPTModel, cells, y: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Novelty scores of cells ``model`` never saw, whether it labels them right, and their standardised embedding."""
+def _held_out_scores(
+    model: SpikGPTModel, cells, y: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
+    """Novelty scores of cells ``model`` never saw, whether it labels them right, and their standardised embedding.
+
+    A model without a network gives the scores that read none, and ``None`` for the labels.
+    """
     out, ok = _embedded_outputs(model, cells)
+    if model.network is None:
+        return model.raw_scores(out, tuple(n for n in SCORES if n not in NETWORK_SCORES)), None, out.embedding
     return model.raw_scores(out), out.probs.argmax(axis=1) == y[ok], out.embedding
 
 
@@ -393,16 +425,21 @@ def _train(
         # Networks that only score held-out cells or choose the refit's epochs are single members.
         single = {**fit, "cfg": replace(cfg, members=1)}
         fit_idx, cal_idx = stratified_split(y, calibration_fraction, min_cells=min_cells_per_class, seed=seed)
-        k = auto_calibration_folds(len(cal_idx)) if calibration_folds is None else calibration_folds
+        # fold models need a network only for a novelty score that reads one
+        fold_networks = bool(NETWORK_SCORES.intersection(score_names(novelty, DEFAULT_COMBINATION)))
+        k = calibration_folds
+        if k is None:
+            k = auto_calibration_folds(len(cal_idx), len(y), fold_networks=fold_networks)
         k = k if len(cal_idx) else 1
         fold = stratified_folds(y, k, min_cells=min_cells_per_class, seed=seed) if k > 1 else np.full(len(y), -1)
         crossfit = bool((fold >= 0).any())
         if len(cal_idx):
             first = single if refit else fit
             model = _fit_scored(cells.subset(fit_idx), y[fit_idx], classes, **first, progress=progress)
-            if not crossfit:  # cross-fitted, every cell is scored by its fold model below
-                scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
-                how = "held out of training"
+            # cross-fitted, every cell is scored by its fold model below; these cells' labels still
+            # give the accuracy where the fold models have no network to label theirs
+            scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
+            how = "held out of training"
             if refit:
                 _refit_network(model, cells, y, cfg, seed=seed, progress=progress)
         else:
@@ -414,26 +451,33 @@ def _train(
             parts = []
             for j in tqdm(range(k), desc="cross-fitting", unit="fold", disable=None if progress else True, leave=False):
                 kept, held = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
-                fold_model = _fit_scored(cells.subset(kept), y[kept], classes, **single, progress=False)
+                fold_model = _fit_scored(
+                    cells.subset(kept), y[kept], classes, **single, progress=False, with_network=fold_networks
+                )
                 parts.append(_held_out_scores(fold_model, cells.subset(held), y[held]))
                 # its held-out cells' scores and positions in its own embedding: the neighbourhood test's null
                 fold_model.novelty.calibrate(parts[-1][0], parts[-1][2], seed=seed)
                 model.fold_models.append(fold_model)
             scores = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
-            correct, positions = np.concatenate([p[1] for p in parts]), None
-            how = f"out-of-fold in {k}-fold cross-fitting"
-    calibration = {"n_cells": int(len(correct)), "folds": k if crossfit else 1}
-    if len(correct):
+            positions = None
+            if fold_networks:
+                correct = np.concatenate([p[1] for p in parts])
+                how = f"out-of-fold in {k}-fold cross-fitting"
+            else:
+                how = f"out-of-fold in {k}-fold cross-fitting (accuracy: {len(correct)} unseen cells)"
+    n_cal = len(next(iter(scores.values()))) if len(correct) else 0
+    calibration = {"n_cells": n_cal, "folds": k if crossfit else 1}
+    if n_cal:
         calibrated = set(y[fold >= 0]) if crossfit else set(y[cal_idx])
         calibration["uncalibrated_types"] = [c for i, c in enumerate(classes) if i not in calibrated]
     model.novelty_method, model.fdr, model.mapping = novelty, fdr, mapping
-    if len(correct):
+    if n_cal:
         model.novelty.calibrate(scores, positions, seed=seed)
         calibration.update(accuracy=float(correct.mean()))
         logger.info(
             "Novelty (%s) calibrated on %d reference cells, %s (their accuracy %.3f).",
             novelty,
-            len(correct),
+            n_cal,
             how,
             calibration["accuracy"],
         )
@@ -442,7 +486,7 @@ def _train(
                 "Only %d reference cells calibrate the Unknown rule: no p-value can fall below %.3f, so at "
                 "FDR %s few or no query cells will be called Unknown. annotate(..., false_unknown=...) tests "
                 "cells one by one; calibration_folds=5 calibrates on every reference cell.",
-                len(correct),
+                n_cal,
                 smallest,
                 fdr,
             )

@@ -231,7 +231,6 @@ def annotate(
     from spikgpt.model import SpikGPTModel
     from spikgpt.openset import check_false_unknown, check_fdr
     from spikgpt.openset.decision import check_shift
-    from spikgpt.openset.novelty import score_names
     from spikgpt.streaming import annotate_file, check_output_store
 
     _setup(quiet)
@@ -251,7 +250,7 @@ def annotate(
             check_false_unknown(false_unknown)
         loaded = SpikGPTModel.load(model)
         if novelty is not None:
-            score_names(novelty, loaded.novelty_components)
+            loaded.score_names(novelty)
         if chunk_size < 1:
             raise ValueError(f"--chunk-size must be at least 1 (got {chunk_size}).")
         client = _dask_client(dask_scheduler) if dask_scheduler else None

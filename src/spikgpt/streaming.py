@@ -51,7 +51,6 @@ from spikgpt.mapping import Mapping, query_sample
 from spikgpt.model import SpikGPTModel
 from spikgpt.model.annotator import is_model_folder
 from spikgpt.openset.decision import MAX_NEIGHBOURHOOD_CELLS, check_false_unknown, check_fdr, check_shift
-from spikgpt.openset.novelty import score_names
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +294,7 @@ def annotate_file(
     if false_unknown is not None:
         check_false_unknown(false_unknown)
     method = novelty or model.novelty_method
-    names = score_names(method, model.novelty_components)
+    names = model.score_names(method)
     use_mapping = model.mapping if mapping is None else mapping
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)

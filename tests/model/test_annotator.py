@@ -55,6 +55,7 @@ def test_fold_models_travel_with_the_model_and_a_missing_one_is_named(crossfitte
     np.testing.assert_allclose(a.obs["spikgpt_pvalue"], b.obs["spikgpt_pvalue"], rtol=1e-5)
     assert (a.obs["spikgpt_label"] == b.obs["spikgpt_label"]).all()
     for fold, back in zip(crossfitted.fold_models, loaded.fold_models, strict=True):
+        assert fold.network is None and back.network is None  # the default scores need no fold network (0.23)
         assert "cal_embedding" in back.novelty.state  # its held-out cells' positions (0.22)
         for name in fold.novelty.state:
             np.testing.assert_array_equal(fold.novelty.state[name], back.novelty.state[name], err_msg=name)

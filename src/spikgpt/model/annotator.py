@@ -53,12 +53,14 @@ from spikgpt.snn import LIF
 logger = logging.getLogger("spikgpt")
 
 FORMAT = "spikgpt-model"
-#: 6: cross-fitted models keep their fold models (``folds/0``, ``folds/1``, …), which score the
+#: 7: fold models may have no classifier network (``"network": null``, no network weights in
+#: ``weights.safetensors``): since 0.23 cross-fitted models whose novelty score reads none train
+#: none; 6: cross-fitted models keep their fold models (``folds/0``, ``folds/1``, …), which score the
 #: query (since 0.22 each fold model also keeps its held-out cells' scores and positions, which
 #: older readers ignore: such a model decides there as 0.21 did); 5: the calibration network is
 #: kept beside a refitted classifier (4: an ensemble of networks; 3: one network, read as a
 #: one-member ensemble).
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 #: Oldest format this version reads (3: conformal FDR decision and query mapping; 2: class Gaussians).
 OLDEST_FORMAT_VERSION = 3
 CONFIG_FILE, WEIGHTS_FILE, EMBEDDER_FILE = "config.json", "weights.safetensors", "embedder.safetensors"
@@ -150,11 +152,14 @@ class SpikGPTModel:
     one fold of the reference, whose cells they scored for calibration. They also score the
     query: each raw novelty score is its mean over the k models (cross-conformal scoring,
     :meth:`fold_scores`), so query and calibration cells are scored by models that never saw
-    them.
+    them. Since 0.23 a fold model has no classifier network (``network`` is ``None``) when the
+    model's novelty score reads none (:data:`~spikgpt.openset.novelty.NETWORK_SCORES`): the
+    default scores read only the embedding and the residual, so a fold network would only cost
+    training time.
     """
 
     embedder: Embedder
-    network: SpikingEnsemble
+    network: SpikingEnsemble | None
     classes: list[str]
     input_mean: np.ndarray
     input_std: np.ndarray
@@ -170,6 +175,8 @@ class SpikGPTModel:
     fold_models: list[SpikGPTModel] = field(default_factory=list)
 
     def __repr__(self) -> str:
+        if self.network is None:
+            return f"SpikGPTModel(fold model, no network, embedder={self.embedder.spec!r}, {len(self.classes)} types)"
         cfg = self.network.cfg
         kind = "spiking" if cfg.spiking else "non-spiking twin"
         return (
@@ -194,7 +201,11 @@ class SpikGPTModel:
 
         ``network``: another network than the classifier (:attr:`calibration_network`).
         """
-        return self._run(self.standardise(E), self.network if network is None else network, batch_size, progress)
+        network = self.network if network is None else network
+        if network is None:
+            msg = "this fold model has no classifier network (cross-fitted for a novelty score that reads none)."
+            raise ValueError(msg)
+        return self._run(self.standardise(E), network, batch_size, progress)
 
     @torch.inference_mode()
     def _run(self, Z: np.ndarray, net: SpikingEnsemble, batch_size: int = 4096, progress: bool = False) -> CellOutputs:
@@ -261,6 +272,17 @@ class SpikGPTModel:
             )
         return self.novelty.raw_scores(out, names)
 
+    def score_names(self, novelty: str | None = None) -> tuple[str, ...]:
+        """The raw scores of novelty method ``novelty`` (the model's own when ``None``), checked before any work.
+
+        ``ValueError`` for an unknown method, and for a score the model was not calibrated with
+        (an older model's, or a network's in a model cross-fitted without fold networks).
+        """
+        names = score_names(novelty or self.novelty_method, self.novelty_components)
+        if self.novelty is not None:
+            self.novelty.calibration_scores(names)
+        return names
+
     def predict(
         self,
         cells: Cells,
@@ -280,7 +302,7 @@ class SpikGPTModel:
         """
         fdr = self.fdr if fdr is None else fdr
         check_fdr(fdr)
-        names = score_names(novelty or self.novelty_method, self.novelty_components)
+        names = self.score_names(novelty)
         E, residual = self.embed(cells, names)
         embedded = np.isfinite(E).all(axis=1)
         use_mapping = self.mapping if mapping is None else mapping
@@ -638,7 +660,7 @@ class SpikGPTModel:
             "mapping": self.mapping,
             "folds": len(self.fold_models),
             "embedder": self.embedder.config(),
-            "network": self.network.cfg.to_dict(),
+            "network": None if self.network is None else self.network.cfg.to_dict(),
             "train": self.train_config.to_dict(),
             "summary": self.summary,
         }
@@ -676,7 +698,8 @@ class SpikGPTModel:
     def _write(self, folder: Path) -> None:
         """The model's files in ``folder`` (fold models in ``folds/<j>``, each a model folder)."""
         (folder / CONFIG_FILE).write_text(json.dumps(self.config(), indent=1))
-        state = {k: v.contiguous() for k, v in self.network.state_dict().items()}
+        network = {} if self.network is None else self.network.state_dict()
+        state = {k: v.contiguous() for k, v in network.items()}
         state["input_mean"] = torch.as_tensor(self.input_mean)
         state["input_std"] = torch.as_tensor(self.input_std)
         save_torch(state, folder / WEIGHTS_FILE)
@@ -752,10 +775,16 @@ class SpikGPTModel:
                 cfg["train"]["members"] = 1
                 state = {f"members.0.{k}": v for k, v in state.items()}
             n_members = len({k.split(".")[1] for k in state if k.startswith("members.")})
-            net = SpikingEnsemble(NetworkConfig.from_dict(cfg["network"]), max(n_members, 1))
-            net.load_state_dict(state, strict=True)
+            net = None
+            if cfg["network"] is not None:  # None: a fold model without a network (format 7)
+                net = SpikingEnsemble(NetworkConfig.from_dict(cfg["network"]), max(n_members, 1))
+                net.load_state_dict(state, strict=True)
+                net.eval()
+            elif state:
+                msg = f"{path} holds network weights but no network configuration: the folder is damaged; re-train."
+                raise ModelFormatError(msg)
             cal_net = None
-            if (path / CALIBRATION_NETWORK_FILE).exists():
+            if net is not None and (path / CALIBRATION_NETWORK_FILE).exists():
                 cal_net = SpikingEnsemble(net.cfg, 1)
                 cal_net.load_state_dict(load_torch(path / CALIBRATION_NETWORK_FILE), strict=True)
                 cal_net.eval()
@@ -775,7 +804,7 @@ class SpikGPTModel:
                 )
             model = cls(
                 embedder=embedder,
-                network=net.eval(),
+                network=net,
                 classes=list(cfg["classes"]),
                 input_mean=mean,
                 input_std=std,

@@ -128,7 +128,11 @@ class NoveltyScorer:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, out: CellOutputs, y: np.ndarray, *, seed: int = 0) -> NoveltyScorer:
-        """Collect reference statistics from the cells the classifier was fitted on."""
+        """Collect reference statistics from the cells the classifier was fitted on.
+
+        Outputs without a network's (:meth:`CellOutputs.of_embedding`: no latent columns) give
+        the statistics of the scores outside :data:`NETWORK_SCORES` only.
+        """
         rng = np.random.default_rng(seed)
         keep = np.arange(len(y))
         if len(y) > self.max_reference_cells:
@@ -142,10 +146,12 @@ class NoveltyScorer:
                 )
             )
         s = self.state
-        s["ref_latent"] = out.latent[keep].astype(np.float32)
+        network = out.latent.shape[1] > 0
+        if network:
+            s["ref_latent"] = out.latent[keep].astype(np.float32)
         s["ref_embedding"] = out.embedding[keep].astype(np.float32)
         n_cls = y.max() + 1
-        for space in ("latent", "embedding"):
+        for space in ("latent", "embedding") if network else ("embedding",):
             X = getattr(out, space)
             means = np.stack([X[y == c].mean(0) for c in range(n_cls)])
             centred = X - means[y]
@@ -154,8 +160,9 @@ class NoveltyScorer:
         covs = class_covariances(out.embedding, y, n_cls)
         s["class_precision_embedding"] = np.linalg.inv(covs).astype(np.float32)
         s["class_logdet_embedding"] = np.linalg.slogdet(covs)[1].astype(np.float32)
-        s["firing_mean"] = np.stack([out.firing[y == c].mean(0) for c in range(n_cls)]).astype(np.float32)
-        s["firing_std"] = np.stack([out.firing[y == c].std(0) + 0.02 for c in range(n_cls)]).astype(np.float32)
+        if network:
+            s["firing_mean"] = np.stack([out.firing[y == c].mean(0) for c in range(n_cls)]).astype(np.float32)
+            s["firing_std"] = np.stack([out.firing[y == c].std(0) + 0.02 for c in range(n_cls)]).astype(np.float32)
         self._nn, self._scales = {}, None
         return self
 
@@ -186,7 +193,8 @@ class NoveltyScorer:
         if missing:
             msg = (
                 f"This model was calibrated without the novelty score(s) {missing} (trained by an older "
-                "spikgpt). Retrain it, or choose another score (novelty=...)."
+                "spikgpt, or cross-fitted without fold networks because its novelty score reads none). "
+                "Choose another score (novelty=...), or retrain with train(..., novelty=...) set to it."
             )
             raise ValueError(msg)
         return {n: self.state[f"cal_{n}"] for n in names}
