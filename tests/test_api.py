@@ -388,6 +388,21 @@ def test_a_cross_fitted_model_calls_a_large_new_group_through_its_fold_neighbour
     new = (query.obs["cell_type"] == "D").to_numpy()
     assert called[new].mean() >= 0.9 and called[~new].sum() <= 3
     assert (out.obs["spikgpt_unknown_reason"][called] == "neighbourhood").mean() > 0.5
+    # a query of over 20,000 cells gets no neighbourhood test (no positions): the folds are large
+    # enough for one, so the calls are made cell by cell, not withheld (0.23; 0.22 withheld them)
+    from spikgpt.data import Cells
+
+    cells = Cells(query)
+    names = model.score_names()
+    E, residual = model.embed(cells, names)
+    mapped = model.map_query(E, cells=cells)
+    part = model.classify(E, residual, mapped, names, cells=cells)
+    kw = {"matched": mapped.matched, "labels": part.raw_label, "fold_positions": None}
+    # cell by cell this group is corrected away with the shift (0 of 150 called); made far, it is called
+    far = {name: np.where(new, 100 * v.max(), v) for name, v in part.scores.items()}
+    _, _, unknown, reason, shift = model.decide_unknown(far, part.embedded, names, 0.1, **kw)
+    assert shift["location"] > 0 and shift["unknown_withheld"] == 0 and "neighbourhood" not in set(reason)
+    assert unknown[new].all() and unknown[~new].sum() <= 3
 
 
 def test_a_reference_too_small_for_the_tail_is_cross_fitted_and_a_shifted_query_keeps_its_labels(crossfitted):

@@ -52,11 +52,14 @@ def test_train_annotate_round_trip_on_real_data(pbmc_files):
     r = runner.invoke(app, [*args[:-1], str(d / "query.h5ad"), "-q"])
     assert r.exit_code == 2 and "is the input file" in r.output
     r = runner.invoke(
-        app, [*args[:-1], str(d / "out2.h5ad"), "--novelty", "max_prob", "--fdr", "0.05", "--no-mapping", "-q"]
+        app, [*args[:-1], str(d / "out2.h5ad"), "--novelty", "knn_embedding", "--fdr", "0.05", "--no-mapping", "-q"]
     )
     assert r.exit_code == 0
     uns = ad.read_h5ad(d / "out2.h5ad").uns["spikgpt"]
-    assert uns["novelty"] == "max_prob" and uns["fdr"] == 0.05 and not uns["mapping"]["applied"]
+    assert uns["novelty"] == "knn_embedding" and uns["fdr"] == 0.05 and not uns["mapping"]["applied"]
+    # cross-fitted without fold networks (the default since 0.23): a network's score was never calibrated
+    r = runner.invoke(app, [*args[:-1], str(d / "out5.h5ad"), "--novelty", "max_prob", "-q"])
+    assert r.exit_code == 2 and "calibrated without" in r.output and not (d / "out5.h5ad").exists()
     r = runner.invoke(app, [*args[:-1], str(d / "out3.h5ad"), "--novelty", "bogus", "-q"])
     assert r.exit_code == 2 and "Unknown novelty score" in r.output
     # the per-cell rule, through the chunked path the CLI runs

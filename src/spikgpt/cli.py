@@ -92,8 +92,8 @@ def train(
         int | None,
         typer.Option(
             help="1: hold --calibration-fraction out to calibrate; k >= 2: cross-fit with k folds, whose "
-            "models score the query (no Unknown calls in a query shifted as a whole). Default: 5 where "
-            "80 or fewer cells would be held out (a reference of up to ~400 cells), else 1.",
+            "models score the query. Default: 5 on references of up to 50,000 cells when the novelty "
+            "score reads no network (the default's), else 5 only up to ~400 cells; otherwise 1.",
             show_default=False,
         ),
     ] = None,
