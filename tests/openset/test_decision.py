@@ -250,7 +250,14 @@ def test_a_group_too_weak_cell_by_cell_is_called_through_its_neighbourhood():
     together = decide(scores, cal, ("s",), fdr=0.1, shift="none", positions=[(pos, cal_pos)])
     assert together.unknown[300:].all() and together.unknown[:300].sum() <= 1
     assert set(together.reason[300:]) == {"neighbourhood"}
-    # known cells keep valid p-values (each test valid, Bonferroni over the two)
+    # the two p-values merged by Simes (0.23): min(2 · min, max), never above Bonferroni's 2 · min
+    from spikgpt.openset.decision import neighbourhood_pvalues
+
+    p_nb = neighbourhood_pvalues(-np.log(alone.pvalue), pos, cal_pos)
+    pair = np.stack([alone.pvalue, p_nb])
+    np.testing.assert_allclose(together.pvalue, np.minimum(np.minimum(1, 2 * pair.min(0)), pair.max(0)))
+    assert (together.pvalue < np.minimum(1, 2 * pair.min(0))).any()
+    # known cells keep valid p-values (each test valid, Simes over the two)
     assert (together.pvalue[:300] <= 0.05).mean() <= 0.07
     assert NEIGHBOURS == 10 and MAX_NEIGHBOURHOOD_CELLS == 20_000
     small = decide({"s": scores["s"][:NEIGHBOURS]}, cal, ("s",), shift="none", positions=[(pos[:NEIGHBOURS], cal_pos)])
