@@ -61,6 +61,13 @@ def test_fold_models_travel_with_the_model_and_a_missing_one_is_named(crossfitte
             np.testing.assert_array_equal(fold.novelty.state[name], back.novelty.state[name], err_msg=name)
     import shutil
 
+    # a fold folder without a network configuration that holds network weights is damaged, not read
+    fold_weights = path / "folds" / "2" / "weights.safetensors"
+    kept = fold_weights.read_bytes()
+    shutil.copy(path / "weights.safetensors", fold_weights)
+    with pytest.raises(ModelFormatError, match="network weights but no network configuration"):
+        SpikGPTModel.load(path)
+    fold_weights.write_bytes(kept)
     shutil.rmtree(path / "folds" / "3")
     with pytest.raises(ModelFormatError, match="lacks its fold model folds/3"):
         SpikGPTModel.load(path)
