@@ -189,12 +189,13 @@ def pvalues(
     shift: str = DEFAULT_SHIFT,
     quantile: float = GATE_QUANTILE,
 ) -> np.ndarray:
-    """The rule's p-values of query cells ``idx``, with the neighbourhood tests ``ms`` (Bonferroni).
+    """The rule's p-values of query cells ``idx``, with the neighbourhood tests ``ms``.
 
     No test, or the package's (``ms == (NEIGHBOURS,)``), at the package's ``gate`` and gate ``quantile``:
     :func:`spikgpt.openset.decision.decide` itself with ``shift`` (``@matched``: estimated on the
     cells the query mapping matched, as :func:`spikgpt.annotate` passes them), so those rows are
-    the package's rule; other sizes and gates are computed here the same way. A scenario marked
+    the package's rule (merged by Simes since 0.23; the committed results are Bonferroni's); other
+    sizes and gates are computed here, merged by Bonferroni. A scenario marked
     ``withhold`` (a cross-fitted model's) calls nothing where the shift correction ran
     (``decide(withhold_under_shift=True)``, as cross-fitted models decide); one with ``untested``
     (a mask over the query) tests none of those cells (``decide(untested=...)``).
