@@ -566,7 +566,10 @@ def annotate(
         Expression source and gene names of the query (see :func:`train`).
     novelty
         ``"combined"`` (the model's default components) or one of
-        :data:`spikgpt.openset.novelty.SCORES`; the model's default when ``None``.
+        :data:`spikgpt.openset.novelty.SCORES` the model was calibrated with; the model's default
+        when ``None``. A score that reads the network (``NETWORK_SCORES``) needs a model trained
+        with it: a cross-fitted model's fold models have a network only then (0.23), and the
+        ``ValueError`` says so before any work.
     fdr
         False discovery rate of the ``Unknown`` calls; the model's (0.10) when ``None``; 0 calls
         nothing ``Unknown``.
