@@ -40,11 +40,10 @@ cell by cell: cross-fitted models have no calibration positions) at FDR 0.10:
   mESC's references); ``· no calls when shifted`` withholds them always. Caches from before 0.22
   hold fold 0's positions only: :func:`add_positions` refits folds 1–4 (checked against the
   cached scores) and adds theirs. ``· Simes``: the same with the cell's own and its
-  neighbourhood's p-values merged by Simes instead of Bonferroni (``neighbourhood_null.simes_pvalues``);
+  neighbourhood's p-values merged by Simes instead of Bonferroni (``neighbourhood_null.merged_pvalues``);
   ``held out · Simes · guard`` the same merge for the held-out rule. Since 0.23 the package
-  merges by Simes: the rules without ``· Simes`` that pass positions to the package's ``decide``
-  (``fold neighbourhoods``, ``fold-0 neighbourhood``, ``held out``) now give their ``· Simes``
-  twins' numbers; the committed results (``results/cross_conformal_*``) are 0.22's, Bonferroni.
+  merges by Simes, so ``cross-conformal mean · fold neighbourhoods · Simes · guard`` is the
+  package's rule; the rules without ``· Simes`` keep 0.11–0.22's Bonferroni merge.
 
 Open set: the scenarios of ``novelty_cache.py`` on ``--open-seeds`` reference subsamples; closed
 set: the bench tasks with their composition-shifted query variants (``--closed-seeds``). Reported

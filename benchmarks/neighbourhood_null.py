@@ -162,20 +162,22 @@ def package_decision(sc: dict, idx: np.ndarray, shift: str, **kw):
     )
 
 
-def simes_pvalues(sc: dict, idx: np.ndarray, shift: str = DEFAULT_SHIFT) -> np.ndarray:
-    """The package's rule with its two tests merged by Simes instead of Bonferroni (a candidate, 0.22).
+def merged_pvalues(sc: dict, idx: np.ndarray, shift: str = DEFAULT_SHIFT, merge: str = "simes") -> np.ndarray:
+    """The package's rule with its cell's own and neighbourhood p-values merged by ``merge``.
 
-    ``min(2 · min(p, p_nb), max(p, p_nb))`` — valid when the cell's own and its neighbourhood's
-    p-values are positively dependent, as two measures of the same novelty are; where both are
-    small it keeps the smaller undoubled. Cells ``untested`` get 1 after the neighbourhood means
-    (the package counts their ``−log p`` there; here they count as 0), ``withhold`` as the package.
+    ``"simes"``: ``min(2 · min(p, p_nb), max(p, p_nb))`` (the package's since 0.23) — valid when
+    the two p-values are positively dependent, as two measures of the same novelty are; where
+    both are small it keeps the smaller undoubled. ``"bonferroni"``: ``2 · min(p, p_nb)`` (the
+    package's 0.11–0.22), so the committed rows of that rule stay reproducible. Cells
+    ``untested`` get 1 after the merge, ``withhold`` as the package.
     """
     d = package_decision(sc, idx, shift)
     p = d.pvalue
     pairs = positions(sc, idx)
     if neighbourhoods_tested([len(c) for _, c in pairs], len(idx)):
         p_nb = fold_neighbourhood_pvalues(-np.log(np.maximum(p, 1e-300)), pairs)
-        p = np.minimum(2 * np.minimum(p, p_nb), np.maximum(p, p_nb))
+        bonferroni = np.minimum(1.0, 2 * np.minimum(p, p_nb))
+        p = bonferroni if merge == "bonferroni" else np.minimum(bonferroni, np.maximum(p, p_nb))
     if "untested" in sc:
         p = np.where(sc["untested"][idx], 1.0, p)
     return np.ones(len(idx)) if sc.get("withhold") and d.shift["location"] > 0 else p
@@ -194,23 +196,22 @@ def pvalues(
     No test, or the package's (``ms == (NEIGHBOURS,)``), at the package's ``gate`` and gate ``quantile``:
     :func:`spikgpt.openset.decision.decide` itself with ``shift`` (``@matched``: estimated on the
     cells the query mapping matched, as :func:`spikgpt.annotate` passes them), so those rows are
-    the package's rule (merged by Simes since 0.23; the committed results are Bonferroni's); other
-    sizes and gates are computed here, merged by Bonferroni. A scenario marked
+    the package's rule — with the package's test, its own p-values and the neighbourhood test's
+    merged here (:func:`merged_pvalues`): by Simes where the scenario says ``combine="simes"``
+    (the package since 0.23), else by Bonferroni (0.11–0.22), so the committed rows of both
+    reproduce; other sizes and gates are computed here, merged by Bonferroni. A scenario marked
     ``withhold`` (a cross-fitted model's) calls nothing where the shift correction ran
     (``decide(withhold_under_shift=True)``, as cross-fitted models decide); one with ``untested``
     (a mask over the query) tests none of those cells (``decide(untested=...)``).
     """
     default_power = sc.get("power", novelty_module.CLASS_SCALE_POWER) == novelty_module.CLASS_SCALE_POWER
     if sc.get("combine") == "simes" and ms == (NEIGHBOURS,):
-        return simes_pvalues(sc, idx, shift)
-    if ms in ((), (NEIGHBOURS,)) and gate == GATE and quantile == GATE_QUANTILE and default_power:
-        d = package_decision(
-            sc,
-            idx,
-            shift,
-            positions=positions(sc, idx) if ms else None,
-            untested=sc["untested"][idx] if "untested" in sc else None,
-        )
+        return merged_pvalues(sc, idx, shift, "simes")
+    package = gate == GATE and quantile == GATE_QUANTILE and default_power
+    if ms == (NEIGHBOURS,) and package:
+        return merged_pvalues(sc, idx, shift, "bonferroni")
+    if ms == () and package:
+        d = package_decision(sc, idx, shift, untested=sc["untested"][idx] if "untested" in sc else None)
         # decide(withhold_under_shift=True) at whatever FDR the caller's Benjamini–Hochberg uses
         return np.ones(len(idx)) if sc.get("withhold") and d.shift["location"] > 0 else d.pvalue
     if sc.get("withhold") or "untested" in sc:
