@@ -437,10 +437,13 @@ def _train(
         if len(cal_idx):
             first = single if refit else fit
             model = _fit_scored(cells.subset(fit_idx), y[fit_idx], classes, **first, progress=progress)
-            # cross-fitted, every cell is scored by its fold model below; these cells' labels still
-            # give the accuracy where the fold models have no network to label theirs
-            scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
-            how, whose = "held out of training", "their"
+            if not crossfit:  # cross-fitted, every cell is scored by its fold model below
+                scores, correct, positions = _held_out_scores(model, cells.subset(cal_idx), y[cal_idx])
+                how, whose = "held out of training", "their accuracy"
+            elif not fold_networks:  # fold models without a network label nothing: this network's accuracy
+                out, ok = _embedded_outputs(model, cells.subset(cal_idx))
+                correct = out.probs.argmax(axis=1) == y[cal_idx][ok]
+                whose = f"the classifier's accuracy on the {len(correct)} cells held out of its first fit"
             if refit:
                 _refit_network(model, cells, y, cfg, seed=seed, progress=progress)
         else:
@@ -462,9 +465,7 @@ def _train(
             scores = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
             positions = None
             if fold_networks:
-                correct = np.concatenate([p[1] for p in parts])
-            else:
-                whose = f"the classifier's on the {len(correct)} cells held out of its first fit"
+                correct, whose = np.concatenate([p[1] for p in parts]), "their accuracy"
             how = f"out-of-fold in {k}-fold cross-fitting"
     n_cal = len(next(iter(scores.values()))) if len(correct) else 0
     calibration = {"n_cells": n_cal, "folds": k if crossfit else 1}
@@ -476,7 +477,7 @@ def _train(
         model.novelty.calibrate(scores, positions, seed=seed)
         calibration.update(accuracy=float(correct.mean()))
         logger.info(
-            "Novelty (%s) calibrated on %d reference cells, %s (%s accuracy %.3f).",
+            "Novelty (%s) calibrated on %d reference cells, %s (%s %.3f).",
             novelty,
             n_cal,
             how,

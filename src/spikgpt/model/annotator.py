@@ -548,7 +548,7 @@ class SpikGPTModel:
             # kept no false one out, with the test (0.22, `fold neighbourhoods`) and without it
             # (`cross-conformal mean · guard`, as on queries of over 20,000 cells: FDR ≤ 0.071, ≤ 1.4 %
             # false Unknown at 150 cells to full size; benchmarks/cross_conformal.py).
-            cal = self.fold_calibration_positions() if self.cross_fitted else None
+            cal = self._calibration_positions()
             large_folds = cal is not None and neighbourhoods_tested([len(c) for c in cal])
             d = decide(
                 scores,
@@ -593,17 +593,26 @@ class SpikGPTModel:
         model placed every embedded cell. Only for queries of up to ``MAX_NEIGHBOURHOOD_CELLS``
         cells in all (the chunked path keeps positions only then: the same cells get the same test).
         """
-        if len(embedded) > MAX_NEIGHBOURHOOD_CELLS:
+        cal = self._calibration_positions()
+        if len(embedded) > MAX_NEIGHBOURHOOD_CELLS or cal is None:
             return None
         if self.fold_models:
-            cal = self.fold_calibration_positions()
-            if cal is None or fold_positions is None or not np.isfinite(fold_positions).all():
+            if fold_positions is None or not np.isfinite(fold_positions).all():
                 return None
             return list(zip(fold_positions, cal, strict=True))
-        cal = self.novelty.calibration_positions()
-        if embedding is None or cal is None:
+        if embedding is None:
             return None
-        return [(self.standardise(np.asarray(embedding, dtype=np.float32)[embedded]), cal)]
+        return [(self.standardise(np.asarray(embedding, dtype=np.float32)[embedded]), cal[0])]
+
+    def _calibration_positions(self) -> list[np.ndarray] | None:
+        """The calibration cells' positions: one array per fold model (cross-fitted), else the held-out cells' one.
+
+        ``None`` where they were not stored (models before 0.11; cross-fitted ones before 0.22).
+        """
+        if self.fold_models:
+            return self.fold_calibration_positions()
+        cal = self.novelty.calibration_positions() if self.novelty is not None else None
+        return None if cal is None else [cal]
 
     @property
     def cross_fitted(self) -> bool:
@@ -629,10 +638,8 @@ class SpikGPTModel:
         """
         names = names or score_names(self.novelty_method, DEFAULT_COMBINATION)
         own = smallest_pvalue(self.novelty.calibration_scores(names), names, self._calibration_statistic(names))
-        positions = self.fold_calibration_positions() if self.fold_models else [self.novelty.calibration_positions()]
-        tested = (
-            positions is not None and positions[0] is not None and neighbourhoods_tested([len(p) for p in positions])
-        )
+        cal = self._calibration_positions()
+        tested = cal is not None and neighbourhoods_tested([len(c) for c in cal])
         return 0.0 if tested else own  # the neighbourhood null's tails have no floor
 
     def _calibration_statistic(self, names: tuple[str, ...]) -> np.ndarray:

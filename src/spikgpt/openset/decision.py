@@ -35,7 +35,8 @@ rejected while the false discovery rate over the query is held at the level the 
 4. **Neighbourhoods.** With the positions of query and calibration cells (models since 0.11),
    each cell is also tested through the mean ``−log p`` of its :data:`NEIGHBOURS` nearest other
    query cells, against the same mean around each calibration cell placed among the query
-   cells (:func:`neighbourhood_pvalues`); the cell keeps ``2 · min`` of its two p-values. A
+   cells (:func:`neighbourhood_pvalues`); the cell's two p-values are merged by Simes,
+   ``min(2 · min, max)`` (0.23; until 0.22 Bonferroni, ``2 · min``). A
    few new cells together are seen where each alone is not. A cross-fitted model (0.22) has one
    null per fold: each fold model's held-out cells placed among the query cells in that fold
    model's embedding, the p-values averaged over folds (:func:`fold_neighbourhood_pvalues`).
