@@ -76,8 +76,40 @@ def test_align_reorders_and_zero_fills(counts):
     genes = np.array(["GENE5", "MISSING", "GENE0"] + [f"GENE{i}" for i in range(6, 20)])
     X, present = align(expr, genes)
     assert present.tolist()[:3] == [True, False, True]
-    np.testing.assert_allclose(X[:, 0].toarray(), expr.X[:, 5].toarray())
-    assert X[:, 1].nnz == 0
+    dense = expr.X.toarray()
+    expected = np.column_stack([dense[:, 5], np.zeros(len(dense)), dense[:, 0], dense[:, 6:20]])
+    np.testing.assert_array_equal(X.toarray(), expected)
+    assert X[:, 1].nnz == 0 and (X.data != 0).all()  # no stored values for the missing gene
+
+
+@pytest.mark.parametrize("log_input", [False, True])
+def test_duplicate_sparse_entries_are_summed(counts, log_input):
+    import scipy.sparse as sp
+
+    if log_input:
+        counts = counts.copy()
+        counts.X = sp.csr_matrix(counts.X, dtype=np.float32)
+        counts.X.data = np.log1p(counts.X.data)  # log scale: kept as it is, so not summed by normalising
+    X = sp.csr_matrix(counts.X)
+    split = X.data > 0  # each entry stored twice, (v − h) and h with h a whole half count
+    half = np.floor(X.data / 2) if not log_input else X.data / 2
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    order = np.argsort(np.r_[rows, rows[split]], kind="stable")
+    doubled = counts.copy()
+    doubled.X = sp.csr_matrix(
+        (
+            np.r_[X.data - half, half[split]][order].astype(np.float32),
+            np.r_[X.indices, X.indices[split]][order],
+            np.r_[0, np.cumsum(np.bincount(np.r_[rows, rows[split]], minlength=X.shape[0]))],
+        ),
+        shape=X.shape,
+    )
+    assert doubled.X.nnz > X.nnz
+    before = doubled.X.copy()
+    prepared = prepare(doubled).X
+    assert prepared.nnz == prepare(counts).X.nnz  # no duplicate left
+    np.testing.assert_allclose(prepared.toarray(), prepare(counts).X.toarray(), rtol=1e-6)
+    assert doubled.X.nnz == before.nnz and (doubled.X.data == before.data).all()  # the input untouched
 
 
 def test_read_rejects_wrong_files(tmp_path):

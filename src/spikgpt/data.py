@@ -215,7 +215,11 @@ def _matrix(adata: ad.AnnData, layer: str | None, use_raw: bool) -> sp.csr_matri
     if not (isinstance(X, np.ndarray) or sp.issparse(X)):  # backed (on-disk) matrix: read it
         X = X[()] if hasattr(X, "dtype") and not hasattr(X, "format") else X[:]
     # copy=False where possible: never modify the caller's matrix below.
-    return sp.csr_matrix(X, dtype=np.float32)
+    X = sp.csr_matrix(X, dtype=np.float32)
+    if not X.has_canonical_format:  # duplicate entries summed, as scipy reads them, on a copy
+        X = X.copy()
+        X.sum_duplicates()
+    return X
 
 
 #: What :func:`input_scale` can detect, and what spikgpt does with it.
@@ -405,11 +409,13 @@ def align(expr: Expression, genes: np.ndarray, *, min_overlap: float = 0.1) -> t
             "shared genes.",
             100 * frac,
         )
-    cols = np.where(present, index, 0)
-    X = expr.X[:, cols].tocsc()
-    # Zero out the columns standing in for absent genes.
-    X = X @ sp.diags(present.astype(np.float32))
-    return sp.csr_matrix(X, dtype=np.float32), present
+    X = sp.csr_matrix(expr.X[:, np.where(present, index, 0)], dtype=np.float32)
+    if not present.all():  # drop the values of the columns standing in for absent genes
+        X.data[~present[X.indices]] = 0.0
+        X.eliminate_zeros()
+    # Column indices stay in the input's gene order within a row (sorting them costs more than
+    # the alignment; nothing downstream needs it), and without duplicates (:func:`normalise`).
+    return X, present
 
 
 @dataclass

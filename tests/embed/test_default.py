@@ -115,3 +115,11 @@ def test_row_ranks_match_scipy_rankdata():
     dense[3] = 0.0
     dense[4] = 2.0
     np.testing.assert_allclose(row_ranks(sp.csr_matrix(dense)), rankdata(dense, axis=1), atol=1e-5)
+    # Column indices in any order within a row (as the alignment to a model's genes leaves them).
+    shuffled = sp.csr_matrix(dense)
+    for r in range(shuffled.shape[0]):
+        lo, hi = shuffled.indptr[r], shuffled.indptr[r + 1]
+        perm = lo + rng.permutation(hi - lo)
+        shuffled.indices[lo:hi], shuffled.data[lo:hi] = shuffled.indices[perm], shuffled.data[perm]
+    shuffled.has_sorted_indices = False
+    np.testing.assert_allclose(row_ranks(shuffled), rankdata(dense, axis=1), atol=1e-5)

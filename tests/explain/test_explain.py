@@ -58,3 +58,18 @@ def test_evidence_is_signed_against_the_reference_mean(pbmc, pbmc_model):
     assert all(a > 0 for a in res["top_genes_below"]["CD19+ B"]["attribution"])
     assert all(a < 0 for v in res["top_genes_against"].values() for a in v["attribution"])
     del pbmc.uns["spikgpt_explain"]
+
+
+def test_gene_attributions_add_up_to_the_embedding_attributions(pbmc, pbmc_model):
+    """Mapped back to genes, the attributions sum to what they are on the embedding: the gene
+    values they use are the ones the embedder reads (ranks by default, not log expression)."""
+    from spikgpt.data import Cells
+    from spikgpt.explain.attribution import _integrated_gradients, gene_attributions
+
+    cells = Cells(pbmc[:40], use_raw=True)
+    att = gene_attributions(pbmc_model, cells, steps=4)
+    assert pbmc_model.embedder.values == "rank"
+    Z = pbmc_model.standardise(pbmc_model.embedder.transform(cells))
+    base = pbmc_model.standardise(np.zeros((1, Z.shape[1]), np.float32))
+    per_dimension = (_integrated_gradients(pbmc_model, Z, att.predicted, 4) * (Z - base)).sum(axis=1)
+    np.testing.assert_allclose(att.values.sum(axis=1), per_dimension, rtol=1e-3, atol=1e-4)

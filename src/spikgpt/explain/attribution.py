@@ -86,7 +86,7 @@ def gene_attributions(model: SpikGPTModel, cells: Cells, *, steps: int = 16, bat
     for s in range(0, len(Z), batch_size):
         g = _integrated_gradients(model, Z[s : s + batch_size], pred[s : s + batch_size], steps)
         if to_genes:
-            z = emb._scale(X[s : s + batch_size].toarray(), emb.mean, emb.std)
+            z = emb._scale(emb._values(X[s : s + batch_size]), emb.mean, emb.std)  # what the embedder reads
             z[:, ~present] = 0.0
             out.append(z * ((g / model.input_std) @ emb.components))
         else:

@@ -220,8 +220,13 @@ class NoveltyScorer:
     def _pooled_distances(self, space: str, X: np.ndarray) -> np.ndarray:
         """``[n, C]`` Mahalanobis distances to every class mean with the shared covariance."""
         means, prec = self.state[f"means_{space}"], self.state[f"precision_{space}"]
-        d2 = self._squared_distances(X, means, np.broadcast_to(prec, (len(means), *prec.shape)))
-        return np.sqrt(d2.clip(min=0))
+        # One precision for all classes: whiten once (‖(x − μ) L‖ = ‖xL − μL‖), then plain distances.
+        L = np.linalg.cholesky(prec.astype(np.float64))
+        Y, M = X @ L, means.astype(np.float64) @ L
+        d2 = np.empty((len(X), len(M)), dtype=np.float64)
+        for c, m in enumerate(M):
+            d2[:, c] = ((Y - m) ** 2).sum(axis=1)
+        return np.sqrt(d2)
 
     def _mahalanobis(self, space: str, X: np.ndarray) -> np.ndarray:
         return self._pooled_distances(space, X).min(axis=1)
