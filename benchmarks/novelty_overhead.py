@@ -34,6 +34,7 @@ import torch
 import spikgpt
 from spikgpt.data import Cells
 from spikgpt.mapping import estimate_mapping
+from spikgpt.openset.decision import MAX_NEIGHBOURHOOD_CELLS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc_ifnb" / "pbmc_ifnb_kang.h5ad"
 
@@ -66,10 +67,14 @@ def time_parts(model: spikgpt.SpikGPTModel, cells: Cells, repeats: int) -> dict[
         _, out.residual = model.embedder.embed(cells) if "pca_residual" in names else (None, None)
         t4 = time.perf_counter()
         embedded = np.isfinite(E).all(axis=1)
-        fold_positions = None
-        if model.fold_models:
-            inputs = model.fold_embeddings(cells, names, E, out.residual)
-            mapping.folds = tuple(fold.map_query(E_f) for fold, (E_f, _) in zip(model.fold_models, inputs, strict=True))
+        fold_positions, counted_twice = None, 0.0
+        if model.fold_models:  # as predict(): whole fold embeddings only where the neighbourhood test reads them
+            whole = cells.n_obs <= MAX_NEIGHBOURHOOD_CELLS
+            inputs = model.fold_embeddings(cells, names, E, out.residual) if whole else None
+            t_map = time.perf_counter()
+            mapping.folds = model.map_query(E, cells=cells, fold_inputs=inputs).folds
+            # map_query also re-estimates this model's own mapping, timed above as mapping: not charged twice
+            counted_twice = min(time.perf_counter() - t_map, t2 - t1)
             kw = {"E": E, "residual": out.residual, "fold_inputs": inputs}
             scores, fold_positions = model.fold_scores(cells, embedded, mapping, names, **kw)
         else:
@@ -86,7 +91,8 @@ def time_parts(model: spikgpt.SpikGPTModel, cells: Cells, repeats: int) -> dict[
         )
         t5 = time.perf_counter()
         residual_extra = max((t4 - t3) - (t1 - t0), 0.0) if "pca_residual" in names else 0.0
-        parts = {"classify_s": (t1 - t0) + (t3 - t2), "mapping_s": t2 - t1, "novelty_s": residual_extra + t5 - t4}
+        novelty = residual_extra + t5 - t4 - counted_twice
+        parts = {"classify_s": (t1 - t0) + (t3 - t2), "mapping_s": t2 - t1, "novelty_s": novelty}
         best = {k: min(best[k], v) for k, v in parts.items()}
     return best
 

@@ -9,6 +9,7 @@ from synthetic import FAST, synthetic_counts
 import spikgpt
 from spikgpt.bench.metrics import open_set
 from spikgpt.errors import GeneOverlapError, InputError
+from spikgpt.model.annotator import scoring_folds
 from spikgpt.openset import UNKNOWN
 
 
@@ -321,7 +322,8 @@ def test_cross_fitted_calibration_scores_every_cell_and_the_fold_models_score_th
     fold_positions = crossfit.fold_calibration_positions()
     assert [len(p) for p in fold_positions] == [24] * 5
     assert all(p.shape[1] == len(f.input_mean) for p, f in zip(fold_positions, crossfit.fold_models, strict=True))
-    # the query is scored by every fold model, as each scored its own held-out cells: the mean of their scores
+    # each query cell is scored by one fold model, as that model scored its own held-out cells:
+    # the one drawn from the cell's name, whatever company the cell comes in
     query = Cells(ref[:30])
     names = ("mahalanobis_embedding", "pca_residual", "energy")
     E, residual = crossfit.embed(query, names)
@@ -330,8 +332,11 @@ def test_cross_fitted_calibration_scores_every_cell_and_the_fold_models_score_th
     for fold in crossfit.fold_models:
         E_f, res_f = fold.embed(query, names)
         own.append(fold.classify(E_f, res_f, fold.map_query(E_f), names).scores)
+    drawn = scoring_folds(ref.obs_names[:30], 5)
+    assert len(set(drawn)) > 1 and (scoring_folds(ref.obs_names[10:30], 5) == drawn[10:]).all()
     for name in names:
-        np.testing.assert_allclose(part.scores[name], np.mean([o[name] for o in own], axis=0), rtol=1e-5, err_msg=name)
+        expected = np.array([own[j][name][i] for i, j in enumerate(drawn)])
+        np.testing.assert_allclose(part.scores[name], expected, rtol=1e-5, err_msg=name)
     # and placed by each: fold j's positions of the query are fold j's own standardised mapped embedding
     assert part.fold_positions.shape == (5, 30, len(crossfit.input_mean))
     for j, fold in enumerate(crossfit.fold_models):
@@ -480,6 +485,39 @@ def test_fold_models_embed_a_query_in_memory_once_each(crossfitted, monkeypatch)
     out = spikgpt.annotate(query, crossfitted, copy=True).obs
     assert len(calls) == 1 + 5  # the model's own embedding and one per fold model (0.20: two per fold model)
     np.testing.assert_array_equal(out["spikgpt_pvalue"], before["spikgpt_pvalue"])
+
+
+def test_without_positions_each_fold_model_embeds_only_the_cells_it_scores(crossfitted, monkeypatch):
+    """A query too large for the neighbourhood test: every cell embedded by its own fold model
+    alone, and mapped by each fold on the mapping's sample only — the same scores and mappings."""
+    from spikgpt import mapping
+    from spikgpt.data import Cells
+    from spikgpt.embed.default import DefaultEmbedder
+
+    monkeypatch.setattr(mapping, "MAX_QUERY_CELLS", 40)  # the mapping reads a sample of 40 of the 100 cells
+    query = synthetic_counts({"A": 30, "B": 30, "C": 30}, seed=4, extra_types={"D": 10})
+    names = crossfitted.score_names()
+    cells = Cells(query)
+    E, residual = crossfitted.embed(cells, names)
+    inputs = crossfitted.fold_embeddings(cells, names, E, residual)
+    whole_map = crossfitted.map_query(E, cells=cells, fold_inputs=inputs)
+    whole = crossfitted.classify(E, residual, whole_map, names, cells=cells, fold_inputs=inputs)
+    rows = []
+    project = DefaultEmbedder._project
+    monkeypatch.setattr(
+        DefaultEmbedder, "_project", lambda self, c, **kw: rows.append(c.n_obs) or project(self, c, **kw)
+    )
+    cells = Cells(query)
+    sampled_map = crossfitted.map_query(E, cells=cells)
+    assert rows == [40] * 5
+    for a, b in zip(sampled_map.folds, whole_map.folds, strict=True):
+        np.testing.assert_allclose(a.shift, b.shift, rtol=1e-5, atol=1e-6)
+    rows.clear()
+    part = crossfitted.classify(E, residual, whole_map, names, cells=cells, positions=False)
+    assert sum(rows) == 100 and len(rows) == 5  # each cell embedded once, by the fold model that scores it
+    assert part.fold_positions is None and whole.fold_positions is not None
+    for name in names:
+        np.testing.assert_allclose(part.scores[name], whole.scores[name], rtol=1e-6, err_msg=name)
 
 
 def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_unchanged(counts):

@@ -269,8 +269,8 @@ def train(
     calibration or validation. With ``calibration_folds=1`` that share calibrates. With
     ``calibration_folds=k`` the reference is instead cross-fitted: each of k stratified folds is
     scored by a model fitted on the others, every cell calibrates, and those k fold models are
-    kept in the model to score the query (the mean of each score over them; k more embedder fits
-    and embeddings, and k networks only for a novelty score that reads one). The default
+    kept in the model to score the query (each cell by one of them, drawn from its name; k more
+    embedder fits, and k networks only for a novelty score that reads one). The default
     (``None``) cross-fits with 5 folds on references of up to 50,000 cells when the novelty
     score reads no network (the default's), and otherwise where 80 or fewer cells would be held
     out (:func:`auto_calibration_folds`): held out, the worst dataset's FDR was 0.30–0.55 at every

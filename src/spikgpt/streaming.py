@@ -174,7 +174,7 @@ def run_chunk(
     finally:
         if store is not None:
             close_store(store)
-    part = model.classify(E, residual, job.mapping, job.names, cells=cells)
+    part = model.classify(E, residual, job.mapping, job.names, cells=cells, positions=job.keep_positions)
     return ChunkResult(
         start,
         part.confidence,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
@@ -25,7 +26,7 @@ from spikgpt import __version__
 from spikgpt.data import Cells, current_umask
 from spikgpt.embed import Embedder, embedder_from_config
 from spikgpt.errors import ModelFormatError
-from spikgpt.mapping import Mapping, estimate_mapping
+from spikgpt.mapping import Mapping, estimate_mapping, query_sample
 from spikgpt.model.network import NetworkConfig, SpikingEnsemble
 from spikgpt.model.training import TrainConfig
 from spikgpt.openset.decision import (
@@ -67,6 +68,17 @@ CONFIG_FILE, WEIGHTS_FILE, EMBEDDER_FILE = "config.json", "weights.safetensors",
 NOVELTY_FILE = "novelty.safetensors"
 CALIBRATION_NETWORK_FILE = "calibration_network.safetensors"
 FOLDS_DIR = "folds"
+
+
+def scoring_folds(ids, k: int) -> np.ndarray:
+    """The fold model (0 … k − 1) that scores each query cell of a cross-fitted model.
+
+    Drawn from a hash of the cell's name (``obs_names``; pandas' SipHash, the same on every
+    machine and version), so a cell is scored alike whatever the order, chunking or company of
+    the query it comes in, and the draw is uniform over the folds whatever the names.
+    """
+    hashed = pd.util.hash_array(np.asarray(ids).astype(str).astype(object), categorize=False)
+    return (hashed % np.uint64(k)).astype(np.intp)
 
 
 def is_model_folder(path: Path) -> bool:
@@ -150,12 +162,12 @@ class SpikGPTModel:
 
     ``fold_models`` (cross-fitted calibration, since 0.20) are the k models each fitted without
     one fold of the reference, whose cells they scored for calibration. They also score the
-    query: each raw novelty score is its mean over the k models (cross-conformal scoring,
-    :meth:`fold_scores`), so query and calibration cells are scored by models that never saw
-    them. Since 0.23 a fold model has no classifier network (``network`` is ``None``) when the
-    model's novelty score reads none (:data:`~spikgpt.openset.novelty.NETWORK_SCORES`): the
-    default scores read only the embedding and the residual, so a fold network would only cost
-    training time.
+    query: each query cell by the one model :func:`scoring_folds` draws from its name (since
+    0.24; 0.20–0.23 the mean over the k models; cross-conformal scoring, :meth:`fold_scores`), so
+    query and calibration cells are scored alike, by models that never saw them. Since 0.23 a
+    fold model has no classifier network (``network`` is ``None``) when the model's novelty
+    score reads none (:data:`~spikgpt.openset.novelty.NETWORK_SCORES`): the default scores read
+    only the embedding and the residual, so a fold network would only cost training time.
     """
 
     embedder: Embedder
@@ -306,8 +318,10 @@ class SpikGPTModel:
         E, residual = self.embed(cells, names)
         embedded = np.isfinite(E).all(axis=1)
         use_mapping = self.mapping if mapping is None else mapping
-        # the fold models' embeddings, once for mapping and scoring (a query in memory is embedded whole)
-        fold_inputs = self.fold_embeddings(cells, names, E, residual) if self.fold_models else None
+        # the fold models' embeddings of every cell, once for mapping and scoring, where the
+        # neighbourhood test reads them; above that each fold model embeds only the cells it scores
+        whole = self.fold_models and cells.n_obs <= MAX_NEIGHBOURHOOD_CELLS
+        fold_inputs = self.fold_embeddings(cells, names, E, residual) if whole else None
         mapped = self.map_query(E[embedded], cells=cells, fold_inputs=fold_inputs) if use_mapping else None
         part = self.classify(E, residual, mapped, names, cells=cells, fold_inputs=fold_inputs, progress=progress)
         matched = None if mapped is None else mapped.matched
@@ -389,6 +403,12 @@ class SpikGPTModel:
                 if not fold.embedder.learns_from_reference:  # it embeds the query as this model does
                     folds.append(fold.map_query(E, n_query=n_query))
                     continue
+                if fold_inputs is None and n_query is None:
+                    # only the rows the mapping reads (a large query is not embedded whole by every fold)
+                    E_sample = fold.embedder.transform(cells.subset(query_sample(cells.n_obs)))
+                    if np.isfinite(E_sample).all():
+                        folds.append(fold.map_query(E_sample, n_query=cells.n_obs))
+                        continue
                 E_fold = fold.embedder.transform(cells) if fold_inputs is None else fold_inputs[j][0]
                 ok = np.isfinite(E_fold).all(axis=1)
                 # as for this model: the same sample of the query, streamed or in memory
@@ -405,12 +425,15 @@ class SpikGPTModel:
         *,
         cells: Cells | None = None,
         fold_inputs: list[tuple[np.ndarray, np.ndarray | None]] | None = None,
+        positions: bool = True,
         progress: bool = False,
     ) -> Classified:
         """Classify embedded cells and compute their raw novelty scores; every cell independently.
 
         ``cells``: the cells ``E`` was embedded from, which a model with :attr:`fold_models` needs
-        to score them (:meth:`fold_scores`; ``fold_inputs``: their fold embeddings, if made).
+        to score them (:meth:`fold_scores`; ``fold_inputs``: their fold embeddings, if made;
+        ``positions=False``: the fold positions are not wanted, e.g. for a chunk of a query too
+        large for the neighbourhood test).
         """
         embedded = np.isfinite(E).all(axis=1)
         E_ok = E[embedded]
@@ -426,7 +449,7 @@ class SpikGPTModel:
         scores, fold_positions = {}, None
         if self.novelty is not None and embedded.any():
             if self.fold_models:
-                kw = {"E": E, "residual": residual, "fold_inputs": fold_inputs}
+                kw = {"E": E, "residual": residual, "fold_inputs": fold_inputs, "positions": positions}
                 scores, fold_positions = self.fold_scores(cells, embedded, mapped, names, **kw)
             else:
                 scores = self.raw_scores(out, names)
@@ -452,36 +475,52 @@ class SpikGPTModel:
         E: np.ndarray | None = None,
         residual: np.ndarray | None = None,
         fold_inputs: list[tuple[np.ndarray, np.ndarray | None]] | None = None,
+        positions: bool = True,
     ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """Cross-conformal raw scores of the ``embedded`` cells: each score's mean over :attr:`fold_models`.
+        """Cross-conformal raw scores of the ``embedded`` cells, each from one of :attr:`fold_models`.
 
         Every fold model embeds the cells itself and maps them with its own translation
-        (``mapped.folds``); the classifier network runs only for scores that read one. The mean
-        over the k models was chosen leave-one-dataset-out on 100-cell references over their
-        maximum and over the final model's score (``benchmarks/cross_conformal.py``; README,
-        small references): each fold model scores a query cell as it scored its own held-out
-        cells, and the mean keeps the known cells' median where the calibration cells' is (the
-        maximum raised it past the shift gate). A cell no fold model can embed gets ``-inf``
-        (p-value 1). ``E`` and ``residual``: this model's embedding of ``cells`` (all of them),
-        which fold models whose embedder does not learn from the reference reuse
-        (:attr:`~spikgpt.embed.Embedder.learns_from_reference`: scGPT is not run six times);
-        ``fold_inputs``: every fold model's embedding of ``cells`` (:meth:`fold_embeddings`), made once.
+        (``mapped.folds``); the classifier network runs only for scores that read one. Each cell's
+        scores are those of the fold model :func:`scoring_folds` draws for it from its name
+        (0.24): a known query cell is then scored exactly as a calibration cell was, by one model
+        that never saw it, drawn uniformly — where 0.20–0.23's mean over the k models gave known
+        query cells a narrower spread than the calibration cells' and lost power
+        (``benchmarks/cross_conformal.py``, ``one fold``; README, small references). A cell its
+        model cannot embed gets ``-inf`` (p-value 1). ``E`` and ``residual``: this model's
+        embedding of ``cells`` (all of them), which fold models whose embedder does not learn from
+        the reference reuse (:attr:`~spikgpt.embed.Embedder.learns_from_reference`: scGPT is not
+        run six times); ``fold_inputs``: every fold model's embedding of ``cells``
+        (:meth:`fold_embeddings`), made once.
 
         Also returns each fold model's positions of the cells (``[k, n, d]``, its standardised
-        mapped embedding; NaN where it could not embed) when the fold models keep their
-        calibration cells' positions (:meth:`decide_unknown`'s neighbourhood test) and there are
-        at most ``MAX_NEIGHBOURHOOD_CELLS`` cells, else ``None``.
+        mapped embedding; NaN where it could not embed) when ``positions``, the fold models keep
+        their calibration cells' positions (:meth:`decide_unknown`'s neighbourhood test) and
+        there are at most ``MAX_NEIGHBOURHOOD_CELLS`` cells, else ``None`` — and then each fold
+        model embeds only the cells drawn for it (a fifth of the work at 100,000 cells).
         """
         n = int(embedded.sum())
+        rows = np.flatnonzero(embedded)
         maps = mapped.folds if mapped is not None else (None,) * len(self.fold_models)
-        per_fold = {name: np.full((len(self.fold_models), n), np.nan) for name in names}
+        chosen = {name: np.full(n, -np.inf) for name in names}
         # positions only where the neighbourhood test can use them (k × cells × d floats otherwise wasted)
-        keep = self.fold_calibration_positions() is not None and len(embedded) <= MAX_NEIGHBOURHOOD_CELLS
-        positions = None
-        if fold_inputs is None:
+        keep = positions and self.fold_calibration_positions() is not None and len(embedded) <= MAX_NEIGHBOURHOOD_CELLS
+        out_positions = None
+        if fold_inputs is None and keep:
             fold_inputs = self.fold_embeddings(cells, names, E, residual)
-        for j, (fold, fold_map, (E_fold, res_fold)) in enumerate(zip(self.fold_models, maps, fold_inputs, strict=True)):
-            E_fold = E_fold[embedded]
+        # by name; by position only where no cells are given (fold embedders that learn nothing)
+        drawn = scoring_folds(cells.adata.obs_names[rows] if cells is not None else np.arange(n), len(self.fold_models))
+        for j, (fold, fold_map) in enumerate(zip(self.fold_models, maps, strict=True)):
+            mine = drawn == j
+            if fold_inputs is not None:  # every cell embedded by every fold
+                E_fold, res_fold = fold_inputs[j]
+                E_fold, res_fold = E_fold[rows], None if res_fold is None else res_fold[rows]
+                scored = np.ones(n, dtype=bool)
+            else:  # only the cells drawn for this fold
+                if fold.embedder.learns_from_reference or E is None:
+                    E_fold, res_fold = fold.embed(cells.subset(rows[mine]), names)
+                else:
+                    E_fold, res_fold = E[rows[mine]], None if residual is None else residual[rows[mine]]
+                scored = mine
             ok = np.isfinite(E_fold).all(axis=1)
             E_ok = E_fold[ok] if fold_map is None else E_fold[ok] - fold_map.shift * fold.input_std
             # the default scores read the standardised embedding and the residual only
@@ -490,19 +529,16 @@ class SpikGPTModel:
                 if NETWORK_SCORES.intersection(names)
                 else CellOutputs.of_embedding(fold.standardise(E_ok))
             )
-            out.residual = None if res_fold is None else res_fold[embedded][ok]
+            out.residual = None if res_fold is None else res_fold[ok]
+            at = np.flatnonzero(scored)[ok]  # positions among the embedded cells
+            take = mine[at]
             for name, v in fold.raw_scores(out, names).items():
-                per_fold[name][j, ok] = v
+                chosen[name][at[take]] = v[take]
             if keep:
-                if positions is None:
-                    positions = np.full((len(self.fold_models), n, out.embedding.shape[1]), np.nan, np.float32)
-                positions[j, ok] = out.embedding
-        mean = {}
-        for name, v in per_fold.items():
-            n_scored = np.isfinite(v).sum(axis=0)
-            total = np.where(np.isfinite(v), v, 0.0).sum(axis=0)
-            mean[name] = np.where(n_scored > 0, total / np.maximum(n_scored, 1), -np.inf)
-        return mean, positions
+                if out_positions is None:
+                    out_positions = np.full((len(self.fold_models), n, out.embedding.shape[1]), np.nan, np.float32)
+                out_positions[j, at] = out.embedding
+        return chosen, out_positions
 
     def fold_calibration_positions(self) -> list[np.ndarray] | None:
         """Each fold model's held-out cells' positions in its own embedding (cross-fitted models since 0.22)."""
