@@ -518,6 +518,12 @@ def test_without_positions_each_fold_model_embeds_only_the_cells_it_scores(cross
     assert part.fold_positions is None and whole.fold_positions is not None
     for name in names:
         np.testing.assert_allclose(part.scores[name], whole.scores[name], rtol=1e-6, err_msg=name)
+    # three cells, five fold models: the models drawn for no cell embed nothing
+    small = Cells(query[:3])
+    tiny = crossfitted.classify(*crossfitted.embed(small, names), whole_map, names, cells=small, positions=False)
+    assert len(set(scoring_folds(query.obs_names[:3], 5))) < 5
+    for name in names:
+        np.testing.assert_allclose(tiny.scores[name], whole.scores[name][:3], rtol=1e-6, err_msg=name)
 
 
 def test_refit_trains_the_classifier_on_every_cell_and_leaves_the_unknown_rule_unchanged(counts):

@@ -414,7 +414,7 @@ def align(expr: Expression, genes: np.ndarray, *, min_overlap: float = 0.1) -> t
         X.data[~present[X.indices]] = 0.0
         X.eliminate_zeros()
     # Column indices stay in the input's gene order within a row (sorting them costs more than
-    # the alignment; nothing downstream needs it), and without duplicates (:func:`normalise`).
+    # the alignment; nothing downstream needs it), and without duplicates (:func:`prepare` sums them).
     return X, present
 
 

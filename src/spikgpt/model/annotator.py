@@ -73,8 +73,8 @@ FOLDS_DIR = "folds"
 def scoring_folds(ids, k: int) -> np.ndarray:
     """The fold model (0 … k − 1) that scores each query cell of a cross-fitted model.
 
-    Drawn from a hash of the cell's name (``obs_names``; pandas' SipHash, the same on every
-    machine and version), so a cell is scored alike whatever the order, chunking or company of
+    Drawn from a hash of the cell's name (``obs_names``; pandas' SipHash with its fixed key, the
+    same on every machine), so a cell is scored alike whatever the order, chunking or company of
     the query it comes in, and the draw is uniform over the folds whatever the names.
     """
     hashed = pd.util.hash_array(np.asarray(ids).astype(str).astype(object), categorize=False)
@@ -511,6 +511,8 @@ class SpikGPTModel:
         drawn = scoring_folds(cells.adata.obs_names[rows] if cells is not None else np.arange(n), len(self.fold_models))
         for j, (fold, fold_map) in enumerate(zip(self.fold_models, maps, strict=True)):
             mine = drawn == j
+            if fold_inputs is None and not mine.any():  # no cell drawn for this fold model
+                continue
             if fold_inputs is not None:  # every cell embedded by every fold
                 E_fold, res_fold = fold_inputs[j]
                 E_fold, res_fold = E_fold[rows], None if res_fold is None else res_fold[rows]
