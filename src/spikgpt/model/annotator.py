@@ -320,7 +320,7 @@ class SpikGPTModel:
         use_mapping = self.mapping if mapping is None else mapping
         # the fold models' embeddings of every cell, once for mapping and scoring, where the
         # neighbourhood test reads them; above that each fold model embeds only the cells it scores
-        whole = self.fold_models and cells.n_obs <= MAX_NEIGHBOURHOOD_CELLS
+        whole = self._keeps_fold_positions(cells.n_obs)
         fold_inputs = self.fold_embeddings(cells, names, E, residual) if whole else None
         mapped = self.map_query(E[embedded], cells=cells, fold_inputs=fold_inputs) if use_mapping else None
         part = self.classify(E, residual, mapped, names, cells=cells, fold_inputs=fold_inputs, progress=progress)
@@ -399,13 +399,14 @@ class SpikGPTModel:
                 msg = "this model scores the query with its fold models: pass the cells to map_query(..., cells=)."
                 raise ValueError(msg)
             folds = []
+            # only the rows the mapping reads, where the query was not embedded whole by every fold
+            sample = cells.subset(query_sample(cells.n_obs)) if fold_inputs is None and n_query is None else None
             for j, fold in enumerate(self.fold_models):
                 if not fold.embedder.learns_from_reference:  # it embeds the query as this model does
                     folds.append(fold.map_query(E, n_query=n_query))
                     continue
-                if fold_inputs is None and n_query is None:
-                    # only the rows the mapping reads (a large query is not embedded whole by every fold)
-                    E_sample = fold.embedder.transform(cells.subset(query_sample(cells.n_obs)))
+                if sample is not None:
+                    E_sample = fold.embedder.transform(sample)
                     if np.isfinite(E_sample).all():
                         folds.append(fold.map_query(E_sample, n_query=cells.n_obs))
                         continue
@@ -503,7 +504,7 @@ class SpikGPTModel:
         maps = mapped.folds if mapped is not None else (None,) * len(self.fold_models)
         chosen = {name: np.full(n, -np.inf) for name in names}
         # positions only where the neighbourhood test can use them (k × cells × d floats otherwise wasted)
-        keep = positions and self.fold_calibration_positions() is not None and len(embedded) <= MAX_NEIGHBOURHOOD_CELLS
+        keep = positions and self._keeps_fold_positions(len(embedded))
         out_positions = None
         if fold_inputs is None and keep:
             fold_inputs = self.fold_embeddings(cells, names, E, residual)
@@ -541,6 +542,11 @@ class SpikGPTModel:
                     out_positions = np.full((len(self.fold_models), n, out.embedding.shape[1]), np.nan, np.float32)
                 out_positions[j, at] = out.embedding
         return chosen, out_positions
+
+    def _keeps_fold_positions(self, n_cells: int) -> bool:
+        """Whether the fold models place a query of ``n_cells`` cells for the neighbourhood test (so embed it whole)."""
+        has_null = bool(self.fold_models) and self.fold_calibration_positions() is not None
+        return has_null and n_cells <= MAX_NEIGHBOURHOOD_CELLS
 
     def fold_calibration_positions(self) -> list[np.ndarray] | None:
         """Each fold model's held-out cells' positions in its own embedding (cross-fitted models since 0.22)."""
