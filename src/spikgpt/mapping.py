@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.neighbors import NearestNeighbors
 
 #: Neighbours searched on each side for mutual pairs.
 K_MUTUAL = 20
@@ -50,14 +49,30 @@ class Mapping:
         return float(np.linalg.norm(self.shift))
 
 
+def _ranking_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[len(a), len(b)]`` squared Euclidean distances less each row's constant ``|a_i|²``.
+
+    They rank every row's neighbours in ``b`` as the distances do, from one matrix product
+    (``[a, 1] · [-2b, |b|²]ᵀ``) with no pass over the result.
+    """
+    ones = np.ones((len(a), 1))
+    return np.hstack([a, ones]) @ np.hstack([-2.0 * b, (b.astype(np.float64) ** 2).sum(axis=1, keepdims=True)]).T
+
+
 def mutual_pairs(query: np.ndarray, reference: np.ndarray, k: int = K_MUTUAL) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs ``(i, j)`` where query cell ``i`` and reference cell ``j`` are mutual k-nearest neighbours."""
+    """Index pairs ``(i, j)`` where query cell ``i`` and reference cell ``j`` are mutual k-nearest neighbours.
+
+    Exact (brute-force) neighbours; where distances tie at a reference cell's ``k``-th nearest
+    query cell, every tied query cell counts as within its ``k``.
+    """
     kq, kr = min(k, len(reference)), min(k, len(query))
-    to_ref = NearestNeighbors(n_neighbors=kq).fit(reference).kneighbors(query, return_distance=False)
-    to_query = NearestNeighbors(n_neighbors=kr).fit(query).kneighbors(reference, return_distance=False)
+    to_ref = np.argpartition(_ranking_distances(query, reference), kq - 1, axis=1)[:, :kq]
+    from_ref = _ranking_distances(reference, query)
+    # reference cell j's kr-th nearest query cell: query cell i is among its kr nearest iff no farther
+    reach = np.partition(from_ref, kr - 1, axis=1)[:, kr - 1]
     iq = np.repeat(np.arange(len(query)), kq)
     jr = to_ref.ravel()
-    back = (to_query[jr] == iq[:, None]).any(axis=1)
+    back = from_ref[jr, iq] <= reach[jr]
     return iq[back], jr[back]
 
 
