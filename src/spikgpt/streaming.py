@@ -357,6 +357,7 @@ def annotate_file(
                     labels=acc.raw_label,
                     embedding=acc.embedding,
                     fold_positions=acc.fold_positions,
+                    progress=progress,
                 )
                 cols = annotation_columns(
                     model, acc.raw_label, acc.confidence, pvalue, qvalue, unknown, reason, key_added

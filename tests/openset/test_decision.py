@@ -300,6 +300,29 @@ def test_fold_neighbourhoods_are_a_cross_conformal_mean_and_keep_the_group_call(
     )
 
 
+def test_the_neighbourhood_test_shows_a_bar_over_folds_only_when_asked(monkeypatch):
+    import io
+    import sys
+
+    from spikgpt.openset.decision import fold_neighbourhood_pvalues
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    rng = np.random.default_rng(2)
+    folds = [(rng.normal(size=(60, 4)), rng.normal(size=(30, 4))) for _ in range(3)]
+    L = rng.exponential(1.0, 60)
+    shown = {}
+    for progress in (False, True):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        p = fold_neighbourhood_pvalues(L, folds, progress=progress)
+        shown[progress] = sys.stderr.getvalue()
+        np.testing.assert_array_equal(p, fold_neighbourhood_pvalues(L, folds))  # the bar changes nothing
+    assert "neighbourhood test" in shown[True] and "fold" in shown[True]
+    assert shown[False] == ""
+
+
 def test_the_gate_decides_when_a_moderate_shift_is_corrected():
     rng = np.random.default_rng(8)
     L = rng.exponential(size=2000) + 0.7  # median −log p ~0.7 above the null's log 2

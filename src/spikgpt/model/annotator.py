@@ -336,6 +336,7 @@ class SpikGPTModel:
             labels=part.raw_label,
             embedding=part.embedding,
             fold_positions=part.fold_positions,
+            progress=progress,
         )
         return Prediction(
             part.embedding,
@@ -566,6 +567,7 @@ class SpikGPTModel:
         labels: np.ndarray | None = None,
         embedding: np.ndarray | None = None,
         fold_positions: np.ndarray | None = None,
+        progress: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
         """p-values, q-values, Unknown, reason and the global shift removed, over the whole query.
 
@@ -578,6 +580,7 @@ class SpikGPTModel:
         cell's neighbourhood be tested as well, when the model stores its calibration cells'
         positions; a cross-fitted model reads ``fold_positions`` instead (:attr:`Classified.fold_positions`,
         over the embedded cells), each fold model's own, beside its own calibration cells'.
+        ``progress``: a progress bar over the neighbourhood test's folds.
         """
         n = len(embedded)
         pvalue, qvalue = np.zeros(n), np.zeros(n)
@@ -607,6 +610,7 @@ class SpikGPTModel:
                 positions=positions,
                 withhold_under_shift=self.cross_fitted and not large_folds,
                 untested=None if labels is None else np.isin(np.asarray(labels)[embedded], self.uncalibrated_types),
+                progress=progress,
             )
             pvalue[embedded], qvalue[embedded], reason[embedded] = d.pvalue, d.qvalue, d.reason
             unknown[embedded] = d.unknown
