@@ -63,7 +63,9 @@ def mutual_pairs(query: np.ndarray, reference: np.ndarray, k: int = K_MUTUAL) ->
     """Index pairs ``(i, j)`` where query cell ``i`` and reference cell ``j`` are mutual k-nearest neighbours.
 
     Exact (brute-force) neighbours; where distances tie at a reference cell's ``k``-th nearest
-    query cell, every tied query cell counts as within its ``k``.
+    query cell, every tied query cell counts as within its ``k``. Holds two dense
+    ``[len(query), len(reference)]`` matrices: meant for :func:`estimate_mapping`'s samples
+    (≤ 2,000 cells each, 64 MB).
     """
     kq, kr = min(k, len(reference)), min(k, len(query))
     to_ref = np.argpartition(_ranking_distances(query, reference), kq - 1, axis=1)[:, :kq]
