@@ -73,6 +73,34 @@ def test_fold_models_travel_with_the_model_and_a_missing_one_is_named(crossfitte
         SpikGPTModel.load(path)
 
 
+def test_fold_mappings_side_by_side_equal_one_after_the_other(crossfitted, counts, monkeypatch):
+    import threading
+
+    from spikgpt.data import Cells
+    from spikgpt.model import annotator
+
+    cells = Cells(counts)
+    E = crossfitted.embedder.transform(cells)
+    seen, real, calls = {}, annotator.translation, []
+
+    def counted(*job):
+        calls.append(threading.current_thread() is threading.main_thread())
+        return real(*job)
+
+    monkeypatch.setattr(annotator, "translation", counted)
+    for workers in (1, 3):
+        monkeypatch.setattr(annotator, "blas_threads", lambda w=workers: w)
+        calls.clear()
+        seen[workers] = crossfitted.map_query(E, cells=cells)
+        # the model's own translation and its five fold models', in worker threads where cores are free
+        assert calls == [workers == 1] * 6
+    one, three = seen[1], seen[3]
+    for a, b in zip((one, *one.folds), (three, *three.folds), strict=True):
+        np.testing.assert_array_equal(a.shift, b.shift)
+        np.testing.assert_array_equal(a.matched, b.matched)
+        assert a.n_pairs == b.n_pairs > 0
+
+
 def test_models_of_formats_3_and_4_load(counts, tmp_path, caplog):
     from dataclasses import replace
 

