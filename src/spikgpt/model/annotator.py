@@ -96,7 +96,7 @@ def blas_threads() -> int:
 
 
 def translations(jobs: list[tuple[SpikGPTModel, np.ndarray, int | None]]) -> list[Mapping | None]:
-    """:func:`translation` of every ``(model, E, n_query)``, side by side on the free cores.
+    """:func:`translation` of every ``(model, E, n_query)``, side by side in threads.
 
     A cross-fitted model maps the query six times (itself and five fold models, five rounds of
     mutual-neighbour search each); the searches' partial sorts release the GIL, so threads
