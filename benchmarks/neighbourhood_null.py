@@ -47,6 +47,7 @@ from spikgpt.openset.decision import (
     GATE,
     GATE_QUANTILE,
     NEIGHBOURS,
+    adaptive_qvalues,
     bh_qvalues,
     calibration_statistic,
     combined_statistic,
@@ -60,6 +61,9 @@ from spikgpt.openset.decision import (
 from spikgpt.openset.novelty import DEFAULT_COMBINATION, CellOutputs
 
 SIZES = (3, 10, 30, None)
+#: How :func:`evaluate` turns p-values into calls: the package's (Storey-adaptive) Benjamini–Hochberg
+#: since 0.26; results committed before 0.26 used plain ``bh_qvalues`` (``QVALUES[0] = bh_qvalues``).
+QVALUES = [adaptive_qvalues]
 
 
 def prepare(
@@ -245,7 +249,7 @@ def evaluate(
         for d in range(1 if size is None else draws):
             pick = ui if size is None else np.random.default_rng(d).choice(ui, size, replace=False)
             idx = np.sort(np.concatenate([ki, pick]))
-            called, u = bh_qvalues(pvalues(sc, idx, ms, gate, shift, quantile)) <= fdr, unseen[idx]
+            called, u = QVALUES[0](pvalues(sc, idx, ms, gate, shift, quantile)) <= fdr, unseen[idx]
             rows.append(
                 {
                     "size": "all" if size is None else size,

@@ -540,7 +540,7 @@ def annotate(
     - ``obs["spikgpt_confidence"]``: softmax maximum of the time-averaged logits (0 for
       cells the embedder could not embed);
     - ``obs["spikgpt_pvalue"]``: novelty p-value (small = unlike every held-out reference
-      cell); ``obs["spikgpt_qvalue"]``: its Benjamini–Hochberg adjustment. A cell is
+      cell); ``obs["spikgpt_qvalue"]``: its (Storey-adaptive) Benjamini–Hochberg adjustment. A cell is
       ``Unknown`` iff ``qvalue <= fdr``, so ``obs["spikgpt_qvalue"] <= 0.05`` re-decides at 5 %
       without re-running (and ``obs["spikgpt_pvalue"] <= 0.01`` as ``false_unknown=0.01`` would);
     - ``obs["spikgpt_unknown_reason"]``: the score that made a cell ``Unknown``

@@ -45,7 +45,8 @@ rejected while the false discovery rate over the query is held at the level the 
    any out (fewer than ``min_cells_per_class``) has no calibration cell, and its known query
    cells look novel against the others: cells predicted as such a type get p-value 1 (reason
    ``"uncalibrated_type"``) and keep their label (``untested``; 0.20).
-6. **Benjamini–Hochberg** over the query's cells at level ``fdr``. Or, when the user sets
+6. **Benjamini–Hochberg** over the query's cells at level ``fdr``, Storey-adaptive since 0.26
+   (:func:`adaptive_qvalues`: the level divided by the estimated share of known cells). Or, when the user sets
    ``false_unknown`` instead (the share of known cells they accept to lose), every cell is
    tested at that level on its own: ``Unknown`` iff ``p <= false_unknown``. That bounds the
    share of known cells called Unknown, not the share of Unknown calls that are known cells:
@@ -88,7 +89,7 @@ class Decision:
     """Outcome of :func:`decide` for n query cells."""
 
     pvalue: np.ndarray  # [n] p-value after the shift correction
-    qvalue: np.ndarray  # [n] Benjamini–Hochberg adjusted p-value
+    qvalue: np.ndarray  # [n] Storey-adaptive Benjamini–Hochberg adjusted p-value (adaptive_qvalues)
     unknown: np.ndarray  # [n] bool, Unknown at the FDR level (q <= fdr)
     reason: np.ndarray  # [n] the score with the smallest p-value ("uncalibrated_type": not tested)
     shift: dict  # the estimated global shift (location, scale) in −log p units
@@ -221,6 +222,28 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
     q = np.empty(n)
     q[order] = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
     return q
+
+
+#: Storey's λ: p-values above it are counted as known cells' to estimate their share. 0.5 is
+#: Storey's own choice (Storey, Taylor & Siegmund 2004), not tuned here.
+STOREY_LAMBDA = 0.5
+
+
+def known_share(p: np.ndarray, lam: float = STOREY_LAMBDA) -> float:
+    """Storey's estimate (with its +1) of the share of cells whose null is true, at most 1."""
+    p = np.asarray(p, dtype=np.float64)
+    return 1.0 if len(p) == 0 else min(1.0, (np.sum(p > lam) + 1) / (len(p) * (1 - lam)))
+
+
+def adaptive_qvalues(p: np.ndarray) -> np.ndarray:
+    """Storey-adaptive Benjamini–Hochberg q-values: :func:`bh_qvalues` times :func:`known_share`.
+
+    Benjamini–Hochberg controls the FDR at ``fdr`` times the share of known cells; where a query
+    holds many new cells that share is estimated and divided out, so the FDR asked for is the one
+    spent (0.26; chosen leave-one-dataset-out, README *Unknown*). Adaptive procedures of this kind
+    keep the FDR with conformal p-values (Gao & Roquain 2026, arXiv:2603.17984, and references there).
+    """
+    return np.minimum(bh_qvalues(p) * known_share(p), 1.0)
 
 
 def combined_statistic(
@@ -471,7 +494,7 @@ def decide(
     if untested is not None and untested.any():
         p = np.where(untested, 1.0, p)
         reason = np.where(untested, "uncalibrated_type", reason).astype(object)
-    q = bh_qvalues(p)  # ties at p = 0 (beyond float range) are all rejected together, as they should
+    q = adaptive_qvalues(p)  # ties at p = 0 (beyond float range) are all rejected together, as they should
     unknown = (q <= fdr) & (fdr > 0) if false_unknown is None else (p <= false_unknown) & (false_unknown > 0)
     withheld = int(unknown.sum()) if withhold_under_shift and info["location"] > 0 else 0
     return Decision(p, q, unknown & (withheld == 0), reason, info, smallest, withheld)
