@@ -3,11 +3,13 @@ import pytest
 
 from spikgpt.openset.decision import (
     GATE_QUANTILE,
+    adaptive_qvalues,
     bh_qvalues,
     calibration_statistic,
     check_false_unknown,
     check_fdr,
     decide,
+    known_share,
     neglog_pvalues,
     parse_shift,
     reject,
@@ -359,3 +361,25 @@ def test_a_low_gate_quantile_tells_a_new_group_from_a_global_shift():
         shift_correction(grouped, "gated", gate=0.25)[1]
         == shift_correction(grouped, "gated", gate=0.25, gate_quantile=0.5)[1]
     )
+
+
+def test_adaptive_qvalues_spend_the_fdr_that_benjamini_hochberg_leaves_unused():
+    rng = np.random.default_rng(0)
+    new = np.r_[np.zeros(600, bool), np.ones(400, bool)]  # 40 % new cells
+    fdps, gained = [], []
+    for _ in range(200):
+        p = np.concatenate([rng.uniform(size=600), rng.beta(0.1, 8, size=400)])
+        q_bh, q = bh_qvalues(p), adaptive_qvalues(p)
+        assert (q <= q_bh).all()  # never fewer calls
+        called = q <= 0.1
+        fdps.append((called & ~new).sum() / max(called.sum(), 1))
+        gained.append(called.sum() - (q_bh <= 0.1).sum())
+    assert np.mean(fdps) <= 0.11 and np.mean(gained) > 10
+    # (almost) no new cells: the known share is estimated at about 1, and decide uses these q-values
+    p = rng.uniform(size=2000)
+    assert 0.9 < known_share(p) <= 1.0 and known_share(np.ones(5)) == 1.0 and known_share(np.zeros(0)) == 1.0
+    cal = {"s": rng.exponential(size=500)}
+    d = decide(
+        {"s": np.concatenate([rng.exponential(size=300), rng.exponential(size=200) + 8])}, cal, ("s",), shift="none"
+    )
+    np.testing.assert_allclose(d.qvalue, adaptive_qvalues(d.pvalue))
