@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 
+from spikgpt.bench.metrics import closed_set
 from spikgpt.bench.tasks import DEFAULT_DATA_ROOT, TASKS
 from spikgpt.data import Cells
 from spikgpt.embed.default import DefaultEmbedder
@@ -46,26 +46,23 @@ INPUTS = ("emb", "corr", "emb+corr", "emb+corrW")
 SCORE = "profile_correlation"
 
 
-def type_profiles(emb: DefaultEmbedder, cells: Cells, y: np.ndarray) -> np.ndarray:
-    """``[types, genes]`` mean per-cell-standardised ranks of each type present in ``y``, centred and unit-norm."""
-    R = emb._values(cells.aligned(emb.genes)[0]).astype(np.float64)
+def rank_values(emb: DefaultEmbedder, cells: Cells) -> np.ndarray:
+    """``[cells, genes]`` each cell's per-cell-standardised ranks over ``emb``'s genes (float64)."""
+    return emb._values(cells.aligned(emb.genes)[0]).astype(np.float64)
+
+
+def type_profiles(R: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``[types, genes]`` mean of rank values ``R`` per type present in ``y``, centred and unit-norm."""
     P = np.stack([R[y == c].mean(axis=0) for c in np.unique(y)])
     P -= P.mean(axis=1, keepdims=True)
     return P / np.linalg.norm(P, axis=1, keepdims=True)
 
 
-def correlations(emb: DefaultEmbedder, cells: Cells, profiles: np.ndarray) -> np.ndarray:
-    """``[cells, types]`` Spearman correlation of each cell's ranks with each type profile."""
-    R = emb._values(cells.aligned(emb.genes)[0]).astype(np.float64)
-    R -= R.mean(axis=1, keepdims=True)
+def correlations(R: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+    """``[cells, types]`` Spearman correlation of each cell's rank values ``R`` with each type profile."""
+    R = R - R.mean(axis=1, keepdims=True)
     R /= np.maximum(np.linalg.norm(R, axis=1, keepdims=True), 1e-12)
     return R @ profiles.T
-
-
-def macro_f1(truth: np.ndarray, pred: np.ndarray, known: np.ndarray) -> float:
-    """Macro-F1 over the query cells of reference types (as the bench's closed set)."""
-    m = np.isin(truth, known)
-    return float(f1_score(truth[m], pred[m], labels=sorted(set(truth[m])), average="macro", zero_division=0))
 
 
 def classifier_run(name: str, seed: int, inputs=INPUTS, data_root: Path = DEFAULT_DATA_ROOT) -> dict:
@@ -82,8 +79,9 @@ def classifier_run(name: str, seed: int, inputs=INPUTS, data_root: Path = DEFAUL
     std = np.sqrt(((Er - mean) ** 2).sum(axis=1).mean() / Er.shape[1])
     Zr, Zq = (Er - mean) / std, (Eq - mean) / std
     Zq = Zq - estimate_mapping(Zq.astype(np.float32), Zr.astype(np.float32)).shift
-    P = type_profiles(emb, cr, yr)
-    Cr, Cq = (correlations(emb, c, P) for c in (cr, cq))
+    Rr = rank_values(emb, cr)
+    P = type_profiles(Rr, yr)
+    Cr, Cq = correlations(Rr, P), correlations(rank_values(emb, cq), P)
     Cr, Cq = Cr - Cr.mean(axis=1, keepdims=True), Cq - Cq.mean(axis=1, keepdims=True)
     s, w = Cr.std(), np.sqrt(Zr.shape[1] / Cr.shape[1])
     feats = {
@@ -101,7 +99,7 @@ def classifier_run(name: str, seed: int, inputs=INPUTS, data_root: Path = DEFAUL
         )
         with torch.inference_mode():
             logits = net(torch.from_numpy(B)).mean(0).numpy()
-        out[v] = macro_f1(yq, types[logits.argmax(axis=1)], types)
+        out[v] = closed_set(yq, types[logits.argmax(axis=1)], list(types))["macro_f1"]
     return out
 
 
@@ -193,9 +191,10 @@ def novelty(args) -> None:
                 for j in range(cc.FOLDS):
                     kept = cells.subset(np.flatnonzero(fold != j))
                     emb = make_embedder("default").fit(kept, seed=seed, labels=y[fold != j])
-                    P = type_profiles(emb, kept, y[fold != j])
-                    cal.append(1 - correlations(emb, cells.subset(np.flatnonzero(fold == j)), P).max(axis=1))
-                    per.append(1 - correlations(emb, q, P).max(axis=1))
+                    P = type_profiles(rank_values(emb, kept), y[fold != j])
+                    held = rank_values(emb, cells.subset(np.flatnonzero(fold == j)))
+                    cal.append(1 - correlations(held, P).max(axis=1))
+                    per.append(1 - correlations(rank_values(emb, q), P).max(axis=1))
             z = dict(np.load(src))
             z[f"calibration/{SCORE}"], z[f"folds/{SCORE}"] = np.concatenate(cal), np.stack(per)
             z[f"final/{SCORE}"] = z[f"folds/{SCORE}"].mean(axis=0)
