@@ -54,6 +54,7 @@ from spikgpt.openset.decision import (
     decide,
     fold_neighbourhood_pvalues,
     neglog_pvalues,
+    neighbourhood_test,
     neighbourhoods_tested,
     parse_shift,
     shift_correction,
@@ -166,24 +167,31 @@ def package_decision(sc: dict, idx: np.ndarray, shift: str, **kw):
     )
 
 
-def merged_pvalues(sc: dict, idx: np.ndarray, shift: str = DEFAULT_SHIFT, merge: str = "simes") -> np.ndarray:
+def merged_pvalues(
+    sc: dict, idx: np.ndarray, shift: str = DEFAULT_SHIFT, merge: str = "simes", fdr: float = DEFAULT_FDR
+) -> np.ndarray:
     """The package's rule with its cell's own and neighbourhood p-values merged by ``merge``.
 
-    ``"simes"``: ``min(2 · min(p, p_nb), max(p, p_nb))`` (the package's since 0.23) — valid when
-    the two p-values are positively dependent, as two measures of the same novelty are; where
-    both are small it keeps the smaller undoubled. ``"bonferroni"``: ``2 · min(p, p_nb)`` (the
-    package's 0.11–0.22), so the committed rows of that rule stay reproducible. Cells
+    ``"simes"``: the package's :func:`~spikgpt.openset.decision.neighbourhood_test` (since 0.23
+    ``min(2 · min(p, p_nb), max(p, p_nb))``, valid when the two p-values are positively dependent,
+    as two measures of the same novelty are; since 0.27 with the null formed among the cells not
+    called Unknown on their own p-values at ``fdr`` by ``QVALUES[0]``; set
+    ``decision.NULL_WITHOUT_OWN_CALLS = False`` to reproduce 0.23–0.26). ``"bonferroni"``: ``2 · min(p, p_nb)``
+    (the package's 0.11–0.22), so the committed rows of that rule stay reproducible. Cells
     ``untested`` get 1 after the merge, ``withhold`` as the package.
     """
     d = package_decision(sc, idx, shift)
     p = d.pvalue
     pairs = positions(sc, idx)
+    untested = sc["untested"][idx] if "untested" in sc else None
     if neighbourhoods_tested([len(c) for _, c in pairs], len(idx)):
-        p_nb = fold_neighbourhood_pvalues(-np.log(np.maximum(p, 1e-300)), pairs)
-        bonferroni = np.minimum(1.0, 2 * np.minimum(p, p_nb))
-        p = bonferroni if merge == "bonferroni" else np.minimum(bonferroni, np.maximum(p, p_nb))
-    if "untested" in sc:
-        p = np.where(sc["untested"][idx], 1.0, p)
+        L = -np.log(np.maximum(p, 1e-300))
+        if merge == "bonferroni":
+            p = np.minimum(1.0, 2 * np.minimum(p, fold_neighbourhood_pvalues(L, pairs)))
+        else:
+            p, _ = neighbourhood_test(L, pairs, untested, calls=lambda q: QVALUES[0](q) <= fdr)
+    if untested is not None:
+        p = np.where(untested, 1.0, p)
     return np.ones(len(idx)) if sc.get("withhold") and d.shift["location"] > 0 else p
 
 

@@ -2,7 +2,7 @@
 
 import logging
 
-__version__ = "0.26.0"
+__version__ = "0.27.0"
 
 logging.getLogger("spikgpt").addHandler(logging.NullHandler())
 

@@ -383,3 +383,55 @@ def test_adaptive_qvalues_spend_the_fdr_that_benjamini_hochberg_leaves_unused():
         {"s": np.concatenate([rng.exponential(size=300), rng.exponential(size=200) + 8])}, cal, ("s",), shift="none"
     )
     np.testing.assert_allclose(d.qvalue, adaptive_qvalues(d.pvalue))
+
+
+def test_the_neighbourhood_null_leaves_out_cells_unknown_on_their_own(monkeypatch):
+    """A calibration cell placed beside a new group borrows its scores; the null is formed without them."""
+    import spikgpt.openset.decision as decision
+
+    rng = np.random.default_rng(3)
+    cal = {"s": rng.gamma(2.0, 1.0, 200)}
+    # 12 of 200 calibration cells sit where the new group lands: their query neighbourhoods are the group's
+    cal_pos = np.concatenate([rng.normal(0, 1, (188, 5)), rng.normal(8, 0.3, (12, 5))])
+    # 12 new cells together: 9 beyond every calibration cell (Unknown on their own), 3 only in the top 2 %
+    group = np.r_[np.full(9, cal["s"].max() * 3), np.full(3, np.quantile(cal["s"], 0.98))]
+    scores = {"s": np.concatenate([rng.gamma(2.0, 1.0, 300), group])}
+    pos = np.concatenate([rng.normal(0, 1, (300, 5)), rng.normal(8, 0.3, (12, 5))])
+    weak = np.r_[np.zeros(309, bool), np.ones(3, bool)]
+    runs = {}
+    assert decision.NULL_WITHOUT_OWN_CALLS
+    for without in (False, True):
+        monkeypatch.setattr(decision, "NULL_WITHOUT_OWN_CALLS", without)
+        runs[without] = decide(scores, cal, ("s",), fdr=0.1, shift="none", positions=[(pos, cal_pos)])
+    before, now = runs[False], runs[True]
+    assert before.unknown[300:309].all() and not before.unknown[weak].any()  # the null grew with the group
+    assert now.unknown[300:].all() and now.unknown[:300].sum() <= 1
+    assert (now.pvalue[weak] < before.pvalue[weak]).all() and set(now.reason[weak]) == {"neighbourhood"}
+    # with no cell Unknown on its own the null is the same as before
+    known = {"s": scores["s"][:300]}
+    for without in (False, True):
+        monkeypatch.setattr(decision, "NULL_WITHOUT_OWN_CALLS", without)
+        runs[without] = decide(known, cal, ("s",), fdr=0.1, shift="none", positions=[(pos[:300], cal_pos)])
+    np.testing.assert_array_equal(runs[False].pvalue, runs[True].pvalue)
+
+
+def test_a_null_without_own_calls_keeps_the_fdr_over_repeated_draws(monkeypatch):
+    import spikgpt.openset.decision as decision
+
+    result = {}
+    for without in (False, True):
+        monkeypatch.setattr(decision, "NULL_WITHOUT_OWN_CALLS", without)
+        fdps, found = [], []
+        for seed in range(40):
+            rng = np.random.default_rng(100 + seed)
+            cal = {"s": rng.gamma(2.0, 1.0, 300)}
+            cal_pos = np.concatenate([rng.normal(0, 1, (294, 5)), rng.normal(6, 0.5, (6, 5))])
+            new = rng.gamma(2.0, 1.0, 20) + rng.uniform(2, 12)  # a group somewhat to far out
+            scores = {"s": np.concatenate([rng.gamma(2.0, 1.0, 400), new])}
+            pos = np.concatenate([rng.normal(0, 1, (400, 5)), rng.normal(6, 0.5, (20, 5))])
+            called = decide(scores, cal, ("s",), fdr=0.1, shift="none", positions=[(pos, cal_pos)]).unknown
+            fdps.append(called[:400].sum() / max(called.sum(), 1))
+            found.append(called[400:].mean())
+        result[without] = np.mean(fdps), np.mean(found)
+    # measured: mean FDP 0.026 -> 0.046, share of the new cells called 0.47 -> 0.66
+    assert result[True][0] <= 0.1 and result[True][1] >= result[False][1] + 0.1
