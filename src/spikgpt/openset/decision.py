@@ -68,7 +68,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
@@ -432,8 +431,7 @@ def neighbourhood_test(
     """
     p = np.exp(-neglog_p)
     among = None
-    if calls is None:
-        calls = partial(called_unknown, fdr=DEFAULT_FDR)
+    calls = calls if calls is not None else (lambda q: adaptive_qvalues(q) <= DEFAULT_FDR)
     if NULL_WITHOUT_OWN_CALLS:
         known = ~calls(p if untested is None else np.where(untested, 1.0, p))
         among = None if known.all() or known.sum() <= NEIGHBOURS else known
@@ -441,13 +439,6 @@ def neighbourhood_test(
     # Simes (chosen leave-one-dataset-out over 150-cell to full-size references, 0.23)
     merged = np.minimum(np.minimum(1.0, 2.0 * np.minimum(p, p_nb)), np.maximum(p, p_nb))
     return (merged if untested is None else np.where(untested, 1.0, merged)), p_nb
-
-
-def called_unknown(p: np.ndarray, fdr: float, false_unknown: float | None = None) -> np.ndarray:
-    """The rule's calls: adaptive Benjamini–Hochberg at ``fdr``, or each cell at ``false_unknown`` when set."""
-    if false_unknown is not None:
-        return (p <= false_unknown) & (false_unknown > 0)
-    return (adaptive_qvalues(p) <= fdr) & (fdr > 0)
 
 
 def neighbourhoods_tested(n_positions: Sequence[int], n_query: int | None = None) -> bool:
@@ -558,7 +549,7 @@ def decide(
         p = np.where(untested, 1.0, p)
         reason = np.where(untested, "uncalibrated_type", reason).astype(object)
     q = adaptive_qvalues(p)  # ties at p = 0 (beyond float range) are all rejected together, as they should
-    unknown = called_unknown(p, fdr, false_unknown)
+    unknown = (q <= fdr) & (fdr > 0) if false_unknown is None else (p <= false_unknown) & (false_unknown > 0)
     withheld = int(unknown.sum()) if withhold_under_shift and info["location"] > 0 else 0
     return Decision(p, q, unknown & (withheld == 0), reason, info, smallest, withheld)
 
